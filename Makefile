@@ -1,0 +1,40 @@
+# `make demo` runs the product end to end on this machine; `make test` runs every test.
+# Both set up what they need first, idempotently, on a fresh Debian machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Debian packages the tests drive for real: a browser, a container engine, a base-image builder.
+APT_PACKAGES := chromium podman runc debootstrap fonts-dejavu-core
+
+.PHONY: setup setup-python setup-system test demo bench clean
+
+setup: setup-python setup-system
+
+setup-python: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-train.txt requirements-gpt2simple.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -r requirements-gpt2simple.txt
+	touch $@
+
+setup-system:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages:" $$missing; \
+		SUDO=$$( [ $$(id -u) -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	fi
+
+test: setup
+	$(PY) -m pytest
+
+demo: setup-python
+	$(PY) scripts/demo.py
+
+bench: setup-python
+	$(PY) bench/serve.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
