@@ -1,0 +1,199 @@
+"""python -m finetune: fine-tune GPT-2 with gpt-2-simple into checkpoint/<run-name>, then export it.
+
+    python -m finetune --dataset data/corpus.txt --steps 1000                 # GPT-2 124M, downloaded
+    python -m finetune --from-scratch --n-layer 2 --n-embd 64 --n-head 2 \\
+        --vocab-size 1000 --dataset corpus.txt --steps 200                    # tiny model, offline
+    python -m finetune --dataset corpus.txt --upload gs://bucket/runs/run1    # then copy to GCS
+
+Bad input is one line on stderr and exit status 2; Ctrl-C or SIGTERM saves a checkpoint that
+`--restore-from latest` continues from (exit status 128 + signal number).
+"""
+import argparse
+import os
+import signal
+import sys
+
+from finetune import UsageError
+
+MODELS = ["124M", "355M", "774M", "1558M"]
+DEFAULT_MODEL_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
+MODEL_URL_ENV = "GPT2_MODEL_URL"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise UsageError(f"{message} (see python -m finetune --help)")
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
+def gs_url(text):
+    if not text.startswith("gs://") or not text[5:].split("/", 1)[0]:
+        raise ValueError
+    return text.rstrip("/")
+
+
+# argparse names the type function in its error message; these names read well there.
+positive_int.__name__ = "positive integer"
+non_negative_int.__name__ = "non-negative integer"
+positive_float.__name__ = "positive number"
+gs_url.__name__ = "gs://bucket/prefix URL"
+
+
+def build_parser():
+    p = Parser(prog="python -m finetune", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", help="plain text, <|startoftext|>...<|endoftext|> text, or a .npz "
+                   "from gpt_2_simple.encode_dataset (a folder of such files works too)")
+    p.add_argument("--model", default="124M", help="GPT-2 release to start from: " + ", ".join(MODELS))
+    p.add_argument("--steps", type=int, default=1000, help="training steps in this run (-1: until Ctrl-C)")
+    p.add_argument("--run-name", default="run1", help="run folder name under --checkpoint-dir")
+    p.add_argument("--checkpoint-dir", default="checkpoint")
+    p.add_argument("--learning-rate", type=positive_float, default=1e-4)
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--accumulate-gradients", type=positive_int, default=5,
+                   help="batches per optimizer step (gpt-2-simple's default)")
+    p.add_argument("--sample-every", type=non_negative_int, default=200,
+                   help="write samples to RUN/samples/samples-N every N steps (0: never)")
+    p.add_argument("--sample-length", type=positive_int, default=200, help="tokens per sample")
+    p.add_argument("--sample-num", type=positive_int, default=1, help="samples each time")
+    p.add_argument("--save-every", type=non_negative_int, default=500,
+                   help="checkpoint every N steps (0: only at the end); the run always saves at its end")
+    p.add_argument("--max-checkpoints", type=positive_int, default=1, help="checkpoints kept")
+    p.add_argument("--restore-from", default="latest",
+                   help="latest: continue RUN's checkpoint if any; fresh: start again from the base model")
+    p.add_argument("--seed", type=int, default=None, help="seed for weights, windows and samples")
+    p.add_argument("--model-dir", default="models", help="where GPT-2 releases are kept")
+    p.add_argument("--model-url", default=os.environ.get(MODEL_URL_ENV) or DEFAULT_MODEL_URL,
+                   help=f"base URL of the releases (files at URL/MODEL/FILE); env {MODEL_URL_ENV}")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="train a tokenizer on the dataset and start from random weights")
+    p.add_argument("--n-layer", type=positive_int, default=2, help="--from-scratch: transformer blocks")
+    p.add_argument("--n-embd", type=positive_int, default=64, help="--from-scratch: embedding width")
+    p.add_argument("--n-head", type=positive_int, default=2, help="--from-scratch: attention heads")
+    p.add_argument("--vocab-size", type=positive_int, default=1000,
+                   help="--from-scratch: upper bound of the tokenizer's vocabulary")
+    p.add_argument("--n-ctx", type=positive_int, default=1024,
+                   help="--from-scratch: positions; training windows are min(1024, n_ctx) tokens")
+    p.add_argument("--upload", type=gs_url, metavar="gs://BUCKET/PREFIX",
+                   help="copy the finished run folder to Cloud Storage")
+    p.add_argument("--download", type=gs_url, metavar="gs://BUCKET/PREFIX",
+                   help="fetch a run (into RUN) or a GPT-2 release (into --model-dir/MODEL) first")
+    return p
+
+
+def validate(args):
+    if args.restore_from not in ("latest", "fresh"):
+        raise UsageError(f"--restore-from must be 'latest' or 'fresh', not {args.restore_from!r}")
+    if not args.from_scratch and args.model not in MODELS:
+        raise UsageError(f"unknown model {args.model!r}: choose one of {', '.join(MODELS)}")
+    if args.from_scratch:
+        if args.n_embd % args.n_head:
+            raise UsageError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+        if args.vocab_size < 258:
+            raise UsageError(f"--vocab-size {args.vocab_size} is too small: the 256 byte tokens and "
+                             "<|endoftext|> need at least 258")
+        if args.n_ctx < 16:
+            raise UsageError(f"--n-ctx {args.n_ctx} is too small (at least 16)")
+    if args.steps == 0 or args.steps < -1:
+        raise UsageError(f"--steps must be a positive number of steps or -1, not {args.steps}")
+    if not args.model_url.startswith(("http://", "https://")):
+        raise UsageError(f"--model-url must be an http(s) URL, not {args.model_url!r}")
+    for name in (args.run_name, args.model):
+        if not name or "/" in name or name.startswith("."):
+            raise UsageError(f"{name!r} is not a usable folder name")
+    if args.dataset is None:
+        if not (args.upload or args.download):
+            raise UsageError("--dataset is required (the text to fine-tune on)")
+    else:
+        check_dataset(args.dataset)
+
+
+def check_dataset(path):
+    if not os.path.exists(path):
+        raise UsageError(f"dataset {path} does not exist")
+    files = [path] if os.path.isfile(path) else [
+        os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+    if not any(os.path.getsize(f) for f in files):
+        raise UsageError(f"dataset {path} is empty")
+    if len(files) == 1 and not path.endswith(".npz") and os.path.getsize(path) < (1 << 20):
+        with open(path, encoding="utf-8", errors="ignore") as f:
+            if not f.read().strip():
+                raise UsageError(f"dataset {path} is empty (only whitespace)")
+
+
+def raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    try:
+        args = build_parser().parse_args(argv)
+        validate(args)
+        return run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permissions: the message says which file
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing saved", file=sys.stderr)
+        return 130
+
+
+def run(args):
+    # Until the training loop takes over signals, SIGTERM unwinds like Ctrl-C so that work
+    # folders are cleaned up.
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    run_dir = os.path.join(args.checkpoint_dir, args.run_name)
+    if args.upload:
+        from finetune import gcs
+        gcs.check_bucket(args.upload)  # fail before hours of training, not after
+    if args.download:
+        from finetune import gcs
+        gcs.download(args.download, run_dir=run_dir, model_dir=os.path.join(args.model_dir, args.model))
+    if args.dataset:
+        from finetune import export, train
+        try:
+            train.run(args)
+        except train.Interrupted as stop:
+            if not stop.saved:
+                print(f"{stop}: stopped before the first step, nothing saved", file=sys.stderr)
+                return 128 + stop.signum
+            export.export(run_dir)
+            print(f"{stop}: saved {export.latest_checkpoint_name(run_dir)} in {run_dir}; "
+                  "continue with --restore-from latest", file=sys.stderr)
+            return 128 + stop.signum
+        try:
+            manifest = export.export(run_dir)
+        except export.ExportError as e:
+            raise UsageError(str(e)) from None
+        print(f"Exported weights to {os.path.dirname(manifest)}")
+    if args.upload:
+        from finetune import gcs
+        gcs.upload(run_dir, args.upload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Export a run's latest checkpoint as one .npy per tensor, for the TensorFlow-free server.
+
+    python -m finetune.export checkpoint/run1
+
+Writes RUN_DIR/weights/ (model.wte.npy, model.h0.attn.c_attn.w.npy, ..., manifest.json) into a
+temporary folder first and swaps it in only when complete, so a failed export never replaces a good
+one. The manifest names the checkpoint and the sha256 of its .index file: the server compares them
+with the `checkpoint` file to refuse a stale export.
+
+Imports only numpy and tensorflow (plus the standard library): the Docker build stage runs it alone.
+"""
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the output
+
+import numpy as np
+
+
+class ExportError(Exception):
+    pass
+
+
+def latest_checkpoint_name(run_dir):
+    """Basename of the latest checkpoint named by RUN_DIR/checkpoint, e.g. 'model-200'."""
+    path = os.path.join(run_dir, "checkpoint")
+    if not os.path.isfile(path):
+        raise ExportError(f"{run_dir} has no 'checkpoint' file: not a gpt-2-simple run folder")
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() == "model_checkpoint_path":
+                return os.path.basename(value.strip().strip('"'))
+    raise ExportError(f"{path} names no model_checkpoint_path")
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export(run_dir):
+    """Write run_dir/weights/ for the latest checkpoint; return the path of manifest.json."""
+    import tensorflow as tf
+
+    run_dir = os.path.abspath(run_dir)
+    if not os.path.isdir(run_dir):
+        raise ExportError(f"run folder {run_dir} does not exist")
+    name = latest_checkpoint_name(run_dir)
+    prefix = os.path.join(run_dir, name)
+    index_path = prefix + ".index"
+    if not os.path.isfile(index_path):
+        raise ExportError(f"{index_path} is missing: the checkpoint file names {name} but it is not there")
+    with open(os.path.join(run_dir, "hparams.json"), encoding="utf-8") as f:
+        hparams = json.load(f)
+
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        shapes = reader.get_variable_to_shape_map()
+    except Exception as e:  # TF raises its own error types for a corrupt bundle
+        raise ExportError(f"cannot read checkpoint {prefix}: {str(e).splitlines()[0]}") from None
+
+    out_dir = os.path.join(run_dir, "weights")
+    tmp_dir = tempfile.mkdtemp(prefix=".weights.partial-", dir=run_dir)
+    os.chmod(tmp_dir, 0o755)  # mkdtemp makes 0700; the serving container may run as another user
+    try:
+        tensors = {}
+        for var in sorted(shapes):
+            try:
+                value = reader.get_tensor(var)
+            except Exception as e:
+                raise ExportError(f"cannot read {var} from {prefix}: {str(e).splitlines()[0]}") from None
+            if value.dtype != np.float32:
+                raise ExportError(f"{var} in {prefix} is {value.dtype}, expected float32")
+            np.save(os.path.join(tmp_dir, var.replace("/", ".") + ".npy"), value, allow_pickle=False)
+            tensors[var] = {"shape": list(value.shape), "dtype": "float32"}
+        manifest = {
+            "checkpoint": name,
+            "index_sha256": sha256_of(index_path),
+            "hparams": hparams,
+            "tensors": tensors,
+        }
+        with open(os.path.join(tmp_dir, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+        # Swap: the old export goes aside, the new one takes its name, then the old one is removed.
+        old_dir = None
+        if os.path.exists(out_dir):
+            old_dir = tempfile.mkdtemp(prefix=".weights.old-", dir=run_dir)
+            os.rename(out_dir, os.path.join(old_dir, "weights"))
+        os.rename(tmp_dir, out_dir)
+        if old_dir:
+            shutil.rmtree(old_dir, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return os.path.join(out_dir, "manifest.json")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: python -m finetune.export RUN_DIR   (e.g. checkpoint/run1)", file=sys.stderr)
+        return 2
+    try:
+        manifest_path = export(argv[0])
+    except (ExportError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    with open(manifest_path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    print(f"exported {manifest['checkpoint']} ({len(manifest['tensors'])} tensors) to {os.path.dirname(manifest_path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""The fine-tuning loop behind `python -m finetune`.
+
+It builds exactly what gpt_2_simple.finetune builds -- gpt-2-simple's own model, loss, Adam with
+gradient accumulation, a Saver over the model/ variables -- and writes the same run folder
+(model-N.*, checkpoint, counter, hparams.json, encoder.json, vocab.bpe), so a run made in the usual
+Colab notebook continues here and ours continues there. The loop itself is ours because
+gpt_2_simple.finetune cannot show a progress bar, write loss.csv, put samples in the run folder,
+stop cleanly on SIGTERM, or train models with fewer than 1024 positions.
+"""
+import csv
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import tensorflow as tf
+from gpt_2_simple.src import encoder, model, sample
+from gpt_2_simple.src.accumulate import AccumulatingOptimizer
+from gpt_2_simple.src.load_dataset import Sampler, load_dataset
+from tensorflow.core.protobuf import rewriter_config_pb2
+from tqdm import tqdm
+
+from finetune import UsageError
+from finetune.files import atomic_write_text, partial_dir, replace_dir
+
+# gpt-2-simple's modules are TF1 graph code (placeholders, sessions); TF 2 starts in eager mode.
+tf.compat.v1.disable_eager_execution()
+tf.get_logger().setLevel("ERROR")  # TF's deprecation notices are not news to the user
+
+TOKENIZER_FILES = ["hparams.json", "encoder.json", "vocab.bpe"]
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving; carries the signal number."""
+
+    def __init__(self, signum, saved):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.saved = saved
+
+
+def read_hparams(folder):
+    hparams = model.default_hparams()
+    with open(os.path.join(folder, "hparams.json"), encoding="utf-8") as f:
+        hparams.override_from_dict(json.load(f))
+    return hparams
+
+
+def read_text(path):
+    """The dataset's text, read as gpt-2-simple's load_dataset reads it."""
+    paths = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, files in os.walk(path) for f in files)
+    parts = []
+    for p in paths:
+        with open(p, encoding="utf-8", errors="ignore") as f:
+            parts.append(f.read())
+    return "<|endoftext|>".join(parts)
+
+
+def start_session():
+    """The session gpt_2_simple.start_tf_sess() makes."""
+    config = tf.compat.v1.ConfigProto()
+    config.gpu_options.allow_growth = True
+    config.graph_options.rewrite_options.layout_optimizer = rewriter_config_pb2.RewriterConfig.OFF
+    return tf.compat.v1.Session(config=config)
+
+
+def run(args):
+    """Fine-tune per the parsed command line; return the run folder. Raises Interrupted after a
+    Ctrl-C/SIGTERM save."""
+    run_dir = os.path.abspath(os.path.join(args.checkpoint_dir, args.run_name))
+    latest = tf.train.latest_checkpoint(run_dir) if args.restore_from == "latest" else None
+    if latest:
+        # Resume in place: every write below is a new file or an atomic replace, and the Saver
+        # deletes the previous checkpoint only after the new one is complete.
+        check_resume_shape(run_dir, args)
+        return Trainer(args, run_dir, work_dir=run_dir, init_from=latest).train()
+
+    # A new run (or --restore-from fresh) is built in a hidden work folder that takes the run's
+    # name at its first complete checkpoint; a failure before that leaves nothing behind.
+    work_dir = partial_dir(os.path.dirname(run_dir), args.run_name)
+    try:
+        if args.from_scratch:
+            init_from = None
+            write_scratch_files(args, work_dir)
+        else:
+            from finetune.download import ensure_model
+            base = ensure_model(args.model_dir, args.model, args.model_url)
+            for name in TOKENIZER_FILES:
+                shutil.copyfile(os.path.join(base, name), os.path.join(work_dir, name))
+            init_from = tf.train.latest_checkpoint(base)
+        return Trainer(args, run_dir, work_dir=work_dir, init_from=init_from).train()
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)  # gone already once promoted
+
+
+def check_resume_shape(run_dir, args):
+    if not args.from_scratch:
+        return
+    hp = read_hparams(run_dir)
+    have = (hp.n_layer, hp.n_embd, hp.n_head)
+    want = (args.n_layer, args.n_embd, args.n_head)
+    if have != want:
+        raise UsageError(
+            f"{run_dir} holds a model with n_layer/n_embd/n_head {have}, not {want}: "
+            "use --restore-from fresh to replace it or another --run-name")
+
+
+def write_scratch_files(args, work_dir):
+    """Tokenizer from the dataset and hparams.json for a randomly initialised model."""
+    if args.dataset.endswith(".npz"):
+        raise UsageError("--from-scratch needs a text dataset to build its tokenizer, not a .npz")
+    from finetune.tokenizer import train_tokenizer
+    print(f"Training a byte-level BPE tokenizer (up to {args.vocab_size} tokens) on {args.dataset}")
+    n_vocab = train_tokenizer(read_text(args.dataset), args.vocab_size, work_dir)
+    hparams = {"n_vocab": n_vocab, "n_ctx": args.n_ctx, "n_embd": args.n_embd,
+               "n_head": args.n_head, "n_layer": args.n_layer}
+    atomic_write_text(os.path.join(work_dir, "hparams.json"), json.dumps(hparams, indent=2) + "\n")
+    print(f"Random model: {hparams}")
+
+
+class Trainer:
+    def __init__(self, args, run_dir, work_dir, init_from):
+        self.args = args
+        self.run_dir = run_dir
+        self.dir = work_dir  # becomes run_dir once promoted
+        self.init_from = init_from
+        self.rows = []  # loss.csv rows: step, loss, avg_loss, seconds_per_step
+        self.stop_signal = None
+
+    # -- setup ---------------------------------------------------------------------------------
+    def load_data(self):
+        args = self.args
+        self.enc = encoder.get_encoder(self.dir)
+        self.hparams = read_hparams(self.dir)
+        # gpt-2-simple trains on 1024-token windows; a smaller model gets windows of its n_ctx.
+        self.window = min(1024, self.hparams.n_ctx)
+        print(f"Loading dataset {args.dataset}")
+        chunks = load_dataset(self.enc, args.dataset, combine=50000)
+        total = sum(len(c) for c in chunks)
+        if not chunks or self.window >= total // len(chunks):
+            raise UsageError(
+                f"dataset {args.dataset} is too small: {total} tokens, and training needs more than "
+                f"{self.window} per window")
+        self.sampler = Sampler(chunks)
+        print(f"dataset has {total} tokens")
+
+    def build(self):
+        args, hparams = self.args, self.hparams
+        tf.compat.v1.reset_default_graph()
+        if args.seed is not None:
+            random.seed(args.seed)  # gpt-2-simple's Sampler draws windows with `random`
+            np.random.seed(args.seed)
+            tf.compat.v1.set_random_seed(args.seed)
+        self.context = tf.compat.v1.placeholder(tf.int32, [args.batch_size, None])
+        output = model.model(hparams=hparams, X=self.context)
+        self.loss = tf.reduce_mean(input_tensor=tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=self.context[:, 1:], logits=output["logits"][:, :-1]))
+        if args.sample_every > 0:
+            self.tf_sample = sample.sample_sequence(
+                hparams=hparams, length=min(args.sample_length, hparams.n_ctx - 1),
+                context=self.context, batch_size=args.batch_size, temperature=1.0, top_k=40)
+
+        all_vars = [v for v in tf.compat.v1.trainable_variables() if "model" in v.name]
+        opt = tf.compat.v1.train.AdamOptimizer(learning_rate=args.learning_rate)
+        if args.accumulate_gradients > 1:
+            opt = AccumulatingOptimizer(opt=opt, var_list=all_vars)
+            self.opt_reset = opt.reset()
+            self.opt_compute = opt.compute_gradients(self.loss)
+            self.opt_apply = opt.apply_gradients()
+        else:
+            grads = tf.gradients(ys=self.loss, xs=all_vars)
+            self.opt_apply = opt.apply_gradients(list(zip(grads, all_vars)))
+
+        # Relative paths in the `checkpoint` file ("model-200"), as in Colab runs: the folder can move.
+        self.saver = tf.compat.v1.train.Saver(
+            var_list=all_vars, max_to_keep=args.max_checkpoints, save_relative_paths=True)
+        self.sess = start_session()
+        self.sess.run(tf.compat.v1.global_variables_initializer())
+
+    def restore(self):
+        self.start = 0
+        if self.init_from is None:
+            print("Starting from random weights")
+            return
+        print(f"Loading checkpoint {self.init_from}")
+        try:
+            self.saver.restore(self.sess, self.init_from)
+        except (tf.errors.OpError, ValueError) as e:
+            raise UsageError(f"cannot load checkpoint {self.init_from}: {first_line(e)}") from None
+        if self.dir == self.run_dir:  # resuming: continue the counter and the loss curve
+            counter = os.path.join(self.dir, "counter")
+            if os.path.exists(counter):
+                with open(counter) as f:
+                    self.start = int(f.read().strip() or 0)
+            state = tf.train.get_checkpoint_state(self.dir)
+            self.saver.recover_last_checkpoints(list(state.all_model_checkpoint_paths))
+            self.rows = [r for r in read_loss_csv(self.dir) if r[0] <= self.start]
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self):
+        self.load_data()
+        self.build()
+        self.restore()
+        args = self.args
+        end = self.start + args.steps if args.steps > 0 else None
+        step = self.start
+        avg = (0.0, 0.0)  # gpt-2-simple's running average: decayed sum, decayed count
+        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(total=args.steps if args.steps > 0 else None, unit="step", desc=args.run_name,
+                   dynamic_ncols=True)
+        last_saved = None
+        try:
+            started = time.time()
+            while end is None or step < end:
+                if self.stop_signal:
+                    break
+                loss = self.train_step()
+                step += 1
+                avg = (avg[0] * 0.99 + loss, avg[1] * 0.99 + 1.0)
+                seconds = (time.time() - started) / (step - self.start)
+                self.rows.append((step, loss, avg[0] / avg[1], seconds))
+                bar.set_postfix_str(
+                    f"step={step} loss={loss:.3f} avg={avg[0] / avg[1]:.3f} {seconds:.3f}s/step",
+                    refresh=False)
+                bar.update(1)
+                if args.save_every > 0 and step % args.save_every == 0 and step != end:
+                    self.save(step)
+                    last_saved = step
+                if args.sample_every > 0 and step % args.sample_every == 0:
+                    self.write_samples(step)
+            if step > self.start and last_saved != step:
+                self.save(step)
+                last_saved = step
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.sess.close()
+        if self.stop_signal:
+            raise Interrupted(self.stop_signal, saved=last_saved is not None and self.dir == self.run_dir)
+        if self.rows:
+            _, loss, avg_loss, seconds = self.rows[-1]
+            print(f"Saved model-{step} in {self.run_dir} (loss {loss:.3f}, avg {avg_loss:.3f}, "
+                  f"{seconds:.3f} s/step)")
+        return self.run_dir
+
+    def request_stop(self, signum, frame):
+        if self.stop_signal:  # a second Ctrl-C: stop now, the last good checkpoint stays
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
+                   "(again to stop without saving)")
+
+    def train_step(self):
+        batch_size = self.args.batch_size
+
+        def batch():
+            return [self.sampler.sample(self.window) for _ in range(batch_size)]
+
+        if self.args.accumulate_gradients > 1:
+            self.sess.run(self.opt_reset)
+            for _ in range(self.args.accumulate_gradients):
+                self.sess.run(self.opt_compute, feed_dict={self.context: batch()})
+            return float(self.sess.run(self.opt_apply))
+        _, loss = self.sess.run((self.opt_apply, self.loss), feed_dict={self.context: batch()})
+        return float(loss)
+
+    # -- outputs -------------------------------------------------------------------------------
+    def save(self, step):
+        self.saver.save(self.sess, os.path.join(self.dir, "model"), global_step=step)
+        atomic_write_text(os.path.join(self.dir, "counter"), f"{step}\n")
+        write_loss_files(self.dir, self.rows)
+        if self.dir != self.run_dir:
+            # First complete checkpoint: the work folder becomes the run folder.
+            replace_dir(self.dir, self.run_dir)
+            self.saver.recover_last_checkpoints(
+                [p.replace(self.dir, self.run_dir, 1) for p in self.saver.last_checkpoints])
+            self.dir = self.run_dir
+
+    def write_samples(self, step):
+        """Samples as gpt-2-simple writes them (samples-N), but inside the run folder."""
+        args = self.args
+        texts = []
+        while len(texts) < args.sample_num:
+            context_tokens = self.sampler.sample(1)
+            out = self.sess.run(self.tf_sample, feed_dict={self.context: args.batch_size * [context_tokens]})
+            for row in out[:args.sample_num - len(texts)]:
+                texts.append(f"======== SAMPLE {len(texts) + 1} ========\n{self.enc.decode(row)}\n")
+        folder = os.path.join(self.dir, "samples")
+        os.makedirs(folder, exist_ok=True)
+        atomic_write_text(os.path.join(folder, f"samples-{step}"), "\n".join(texts))
+        tqdm.write(texts[0][:500])
+
+
+def first_line(error):
+    text = getattr(error, "message", None) or str(error)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def read_loss_csv(folder):
+    path = os.path.join(folder, "loss.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [(int(r["step"]), float(r["loss"]), float(r["avg_loss"]), float(r["seconds_per_step"]))
+                for r in csv.DictReader(f)]
+
+
+def write_loss_files(folder, rows):
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["step", "loss", "avg_loss", "seconds_per_step"])
+    writer.writerows((s, f"{loss:.6f}", f"{avg:.6f}", f"{sec:.4f}") for s, loss, avg, sec in rows)
+    atomic_write_text(os.path.join(folder, "loss.csv"), out.getvalue())
+    if rows:
+        plot_loss(folder, rows)
+
+
+def plot_loss(folder, rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r[0] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.plot(steps, [r[1] for r in rows], lw=0.8, alpha=0.4, label="loss")
+    ax.plot(steps, [r[2] for r in rows], lw=1.8, label="average loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"fine-tuning loss: {os.path.basename(folder)}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = os.path.join(folder, ".loss.png.partial")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, os.path.join(folder, "loss.png"))

@@ -1,0 +1,138 @@
+"""Shared fixtures: a tiny trained run folder, free ports, a Cloud Storage emulator.
+
+- tiny_run (session): pathlib.Path of a from-scratch run folder (gpt-2-simple's layout, exported
+  weights/), built with `python -m finetune --from-scratch ...` on a small repetitive corpus of
+  <|startoftext|>...<|endoftext|> comments, so the model learns to end its texts. A build is cached
+  under tests/out/cache/ keyed by the finetune sources and the command (TINY_RUN_NO_CACHE=1 builds
+  afresh); each session gets its own copy, so tests may change it.
+- tiny_corpus (session): the corpus file it was trained on; write_corpus(path) writes one.
+- free_port (fixture returning a function) / find_free_port(): a TCP port nobody listens on.
+- storage_emulator (session): gcp-storage-emulator on a free port; yields its URL
+  ("http://127.0.0.1:PORT") for STORAGE_EMULATOR_HOST. It sets no environment variable itself.
+"""
+import hashlib
+import itertools
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "out"
+
+# Small enough to train in seconds on two cores; n_ctx stays GPT-2's 1024 (see interfaces.md).
+TINY_MODEL_ARGS = ["--from-scratch", "--n-layer", "2", "--n-embd", "64", "--n-head", "2",
+                   "--vocab-size", "1000"]
+TINY_TRAIN_ARGS = ["--steps", "100", "--learning-rate", "0.003", "--accumulate-gradients", "1",
+                   "--sample-every", "0", "--save-every", "0", "--seed", "1"]
+
+SUBJECTS = ["the cat", "my dog", "this model", "the weather", "our team", "a small robot"]
+VERBS = ["likes", "hates", "found", "wants", "made", "sees"]
+OBJECTS = ["the red ball", "a warm day", "good code", "some fresh bread", "the quiet park", "a long walk"]
+
+
+def corpus_text(repeat=2, seed=0):
+    """216 short comments in gpt-2-simple's <|startoftext|>...<|endoftext|> format, ~5,600 tokens."""
+    lines = [f"<|startoftext|>{s} {v} {o}.<|endoftext|>\n"
+             for s, v, o in itertools.product(SUBJECTS, VERBS, OBJECTS)]
+    random.Random(seed).shuffle(lines)
+    return "".join(lines * repeat)
+
+
+def write_corpus(path, repeat=2, seed=0):
+    path = Path(path)
+    path.write_text(corpus_text(repeat, seed), encoding="utf-8")
+    return path
+
+
+def finetune_cmd(*args):
+    return [sys.executable, "-m", "finetune", *map(str, args)]
+
+
+def run_finetune(*args, env=None, timeout=300, cwd=ROOT):
+    """Run `python -m finetune ARGS` from the repository root; return the CompletedProcess."""
+    return subprocess.run(finetune_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def find_free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    return find_free_port
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+def _tiny_run_key():
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "finetune").glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    digest.update(repr((TINY_MODEL_ARGS, TINY_TRAIN_ARGS, corpus_text())).encode())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_corpus):
+    cached = OUT / "cache" / f"tiny_run-{_tiny_run_key()}" / "run1"
+    use_cache = os.environ.get("TINY_RUN_NO_CACHE") != "1"
+    if not (use_cache and (cached / "weights" / "manifest.json").is_file()):
+        checkpoint_dir = tmp_path_factory.mktemp("tiny_build")
+        result = run_finetune(*TINY_MODEL_ARGS, *TINY_TRAIN_ARGS, "--dataset", tiny_corpus,
+                              "--run-name", "run1", "--checkpoint-dir", checkpoint_dir)
+        assert result.returncode == 0, f"building tiny_run failed:\n{result.stdout}\n{result.stderr}"
+        built = checkpoint_dir / "run1"
+        if not use_cache:
+            return built
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = cached.parent / f".run1.partial-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(built, staging)
+        try:
+            os.rename(staging, cached)
+        except OSError:  # another session cached it first
+            shutil.rmtree(staging, ignore_errors=True)
+    run = tmp_path_factory.mktemp("tiny_run") / "run1"
+    shutil.copytree(cached, run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def storage_emulator(tmp_path_factory):
+    port = find_free_port()
+    log = (tmp_path_factory.mktemp("storage_emulator") / "emulator.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+         "--port", str(port), "--in-memory"],
+        stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"gcp-storage-emulator did not start; see {log.name}")
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
