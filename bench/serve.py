@@ -1,0 +1,372 @@
+"""Cold start, speed and memory of our server against gpt-2-simple, side by side on this machine.
+
+    python bench/serve.py            # GPT-2 124M shape (random weights), ~15 minutes
+    python bench/serve.py --quick    # a small trained model and few requests, ~1-2 minutes
+
+Contenders, each in its own processes: gpt-2-simple's load_gpt2 + a fresh generate() per request,
+as gpt-2-cloud-run serves it (bench/baseline.py), and our server started as `python -m app`,
+driven over HTTP. Thread count is pinned through the environment (OMP/OpenBLAS/MKL/TF) and, for
+gpt-2-simple, start_tf_sess(threads=N). Writes serve.md (the table), serve.png (the chart) and
+serve.json (every raw figure) to --out.
+"""
+import argparse
+import datetime
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bandwidth  # noqa: E402
+import report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "The benchmark starts here, and the model"  # same prompt for both contenders
+END = "<|endoftext|>"
+
+
+class BenchError(Exception):
+    """A failure worth one line to the user (no traceback)."""
+
+
+def settings_for(quick):
+    if quick:
+        return {"lengths": [20, 100, 500], "repeats": 2, "cold_repeats": 1, "growth_requests": 20,
+                "baseline_growth_seconds": 8, "early_stop_length": 200, "early_stop_seeds": [1, 2, 3]}
+    return {"lengths": [20, 100, 500], "repeats": 3, "cold_repeats": 3, "growth_requests": 200,
+            "baseline_growth_seconds": 60, "early_stop_length": 300, "early_stop_seeds": [1, 2, 3, 4, 5]}
+
+
+def thread_env(threads):
+    names = ["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+             "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "RAYON_NUM_THREADS"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **{name: str(threads) for name in names})
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def proc_memory_mb(pid):
+    """RSS now and its high-water mark (peak) of one process, from /proc."""
+    status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    return {key: int(status[name].split()[0]) / 1024 for key, name in
+            [("rss", "VmRSS"), ("peak", "VmHWM"), ("anon", "RssAnon"), ("file", "RssFile")]}
+
+
+# ----------------------------------------------------------------------------- models
+
+def build_models(args, out, s):
+    """(speed model, early-stop model). The speed model is the 124M shape with random weights
+    (--quick: the small trained one); early stop needs a model that learned to end its texts."""
+    tiny = Path(args.tiny_model) if args.tiny_model else build_tiny_trained(out / "models")
+    if args.quick:
+        return tiny, tiny
+    big = out / "models" / "gpt2-124M-random"
+    run([sys.executable, str(ROOT / "bench" / "make_model.py"), str(big)], "building the 124M-shape model",
+        out / "logs" / "make_model.log")
+    return big, tiny
+
+
+def build_tiny_trained(models_dir):
+    """A small from-scratch model fine-tuned on short `<|startoftext|>...<|endoftext|>` texts with the
+    product's own CLI (python -m finetune), so it learns to end its answers. Cached."""
+    run_dir = models_dir / "tiny-trained"
+    if (run_dir / "weights" / "manifest.json").exists():
+        return run_dir
+    models_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    subjects = ["the cat", "my neighbour", "this town", "the old bridge", "our team", "the weather",
+                "a small boat", "the new library", "her garden", "the night train"]
+    verbs = ["looks", "feels", "seems", "was", "is"]
+    adjectives = ["quiet today", "really nice", "a bit strange", "far too loud", "just fine", "lovely"]
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = Path(tmp) / "corpus.txt"
+        with open(dataset, "w") as f:
+            for _ in range(400):
+                text = f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(adjectives)}."
+                f.write(f"<|startoftext|>{text.capitalize()}<|endoftext|>\n")
+        run([sys.executable, "-m", "finetune", "--from-scratch", "--n-layer", "2", "--n-embd", "64",
+             "--n-head", "2", "--vocab-size", "1000", "--dataset", str(dataset), "--steps", "300",
+             "--run-name", run_dir.name, "--checkpoint-dir", str(models_dir), "--seed", "0"],
+            "training the small model", models_dir / "tiny-trained.log")
+    return run_dir
+
+
+def run(cmd, what, log_path):
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=thread_env(2))
+    if code:
+        raise BenchError(f"{what} failed (exit {code}); see {log_path}")
+
+
+# ----------------------------------------------------------------------------- baseline
+
+def run_baseline(model_dir, plan, log_path):
+    """Run bench/baseline.py with a plan; returns (spawn time, list of its JSON events)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    spawned = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "baseline.py"), str(model_dir),
+                               json.dumps(plan)], cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
+                              env=thread_env(plan["threads"]), text=True)
+    if proc.returncode:
+        raise BenchError(f"gpt-2-simple baseline failed (exit {proc.returncode}); see {log_path}")
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return spawned, events
+
+
+def bench_baseline(model, early_model, s, logs, progress):
+    result = {"cold_start_s": [], "warm": {}, "early_stop": []}
+    warm_plan = [[length, seed] for length in s["lengths"] for seed in range(1, s["repeats"] + 1)]
+    for threads in (1, 2):
+        progress.set_description(f"gpt-2-simple, {threads} thread(s)")
+        plan = {"threads": threads, "prefix": PROMPT, "first_length": 20, "warm": warm_plan}
+        if threads == 1:
+            plan.update(growth_seconds=s["baseline_growth_seconds"], growth_length=20)
+        spawned, events = run_baseline(model, plan, logs / f"baseline-{threads}.log")
+        by = lambda name: [e for e in events if e["event"] == name]  # noqa: E731
+        result["warm"][str(threads)] = {str(length): [{"seconds": e["seconds"], "tokens": e["length"]}
+                                                      for e in by("warm") if e["length"] == length]
+                                        for length in s["lengths"]}
+        if threads == 1:
+            result["cold_start_s"].append(by("first_answer")[0]["t"] - spawned)
+            loaded = by("loaded")[0]["memory"]
+            growth = by("growth")
+            before = by("warm")[-1]["memory"]["rss"]
+            result["memory"] = {
+                "after_load_mb": loaded["rss"], "after_first_answer_mb": by("first_answer")[0]["memory"]["rss"],
+                "peak_mb": by("done")[0]["memory"]["peak"], "growth_start_mb": before,
+                "growth": [{"request": e["request"], "rss_mb": e["memory"]["rss"], "seconds": e["seconds"]}
+                           for e in growth]}
+        progress.update()
+    progress.set_description("gpt-2-simple cold starts")
+    for _ in range(s["cold_repeats"] - 1):
+        spawned, events = run_baseline(model, {"threads": 1, "first_length": 20, "prefix": PROMPT},
+                                       logs / "baseline-cold.log")
+        result["cold_start_s"].append(next(e["t"] for e in events if e["event"] == "first_answer") - spawned)
+    progress.update()
+    progress.set_description("gpt-2-simple early stop")
+    early = {"length": s["early_stop_length"], "prefix": "<|startoftext|>", "truncate": END,
+             "seeds": s["early_stop_seeds"]}
+    _, events = run_baseline(early_model, {"threads": 1, "early_stop": early}, logs / "baseline-early.log")
+    result["early_stop"] = [{key: e[key] for key in ["seed", "length", "tokens_computed", "untruncated_tokens",
+                                                     "seconds", "text"]}
+                            for e in events if e["event"] == "early_stop"]
+    progress.update()
+    return result
+
+
+# ----------------------------------------------------------------------------- our server
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`python -m app` in a child process, on a free port, with its log in a file."""
+
+    def __init__(self, model_dir, threads, log_path):
+        self.port = free_port()
+        env = thread_env(threads)
+        env.update(PORT=str(self.port), MODEL_DIR=str(model_dir))
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.spawned = time.time()
+        self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def first_answer(self, params, timeout=120):
+        """Connect as soon as the port accepts, send one request; returns (seconds from process
+        start to the first byte of the answer, memory when the port first accepted, answer)."""
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError(f"our server exited with code {self.proc.returncode} before answering; "
+                                 f"see {self.log_path}")
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise BenchError(f"our server did not accept connections within {timeout} s")
+                time.sleep(0.005)
+        memory = self.memory()  # listening means loaded: the app loads its model before serving
+        with sock:
+            sock.sendall(f"GET /?{urllib.parse.urlencode(params)} HTTP/1.1\r\nHost: bench\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            chunks = [sock.recv(1)]
+            first_byte = time.time() - self.spawned
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise BenchError(f"our server answered {head.splitlines()[0]!r}: {body[:200]!r}")
+        return first_byte, memory, json.loads(body)
+
+    def get(self, **params):
+        """One request; returns (answer JSON, seconds on the client's clock)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        start = time.perf_counter()
+        conn.request("GET", "/?" + urllib.parse.urlencode(params))
+        resp = conn.getresponse()
+        body = resp.read()
+        seconds = time.perf_counter() - start
+        conn.close()
+        if resp.status != 200:
+            raise BenchError(f"our server answered {resp.status} to {params}: {body[:200]!r}")
+        return json.loads(body), seconds
+
+    def memory(self):
+        return proc_memory_mb(self.proc.pid)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def full_length(server, length, seed):
+    """A speed sample of exactly `length` computed tokens: a seed whose text happens to reach the
+    end marker (rare with random weights) is replaced by the next one, and counted."""
+    for attempt in range(10):
+        answer, seconds = server.get(prefix=PROMPT, length=length, temperature=0.7, seed=seed + 1000 * attempt)
+        if answer["tokens"] == length:
+            return {"seconds": seconds, "tokens": answer["tokens"], "server_seconds": answer["seconds"],
+                    "seed": seed + 1000 * attempt, "early_stops_skipped": attempt}
+    raise BenchError(f"our server stopped early on 10 seeds at length {length}")
+
+
+def bench_ours(model, early_model, s, logs, progress):
+    result = {"cold_start_s": [], "warm": {}, "early_stop": []}
+    for threads in (1, 2):
+        progress.set_description(f"our server, {threads} thread(s)")
+        server = Server(model, threads, logs / f"ours-{threads}.log")
+        try:
+            cold, loaded, _ = server.first_answer({"prefix": PROMPT, "length": 20, "seed": 0})
+            warm = result["warm"][str(threads)] = {}
+            for length in s["lengths"]:
+                warm[str(length)] = [full_length(server, length, seed) for seed in range(1, s["repeats"] + 1)]
+            if threads == 1:
+                result["cold_start_s"].append(cold)
+                before = server.memory()["rss"]
+                growth = []
+                for n in tqdm(range(1, s["growth_requests"] + 1), desc="our server, memory growth",
+                              leave=False, disable=None):
+                    _, seconds = server.get(prefix=PROMPT, length=20, seed=n)
+                    growth.append({"request": n, "rss_mb": server.memory()["rss"], "seconds": seconds})
+                result["memory"] = {"after_load_mb": loaded["rss"], "peak_mb": server.memory()["peak"],
+                                    "growth_start_mb": before, "growth": growth}
+        finally:
+            server.stop()
+        progress.update()
+    progress.set_description("our server cold starts")
+    for i in range(s["cold_repeats"] - 1):
+        server = Server(model, 1, logs / "ours-cold.log")
+        try:
+            result["cold_start_s"].append(server.first_answer({"prefix": PROMPT, "length": 20, "seed": 0})[0])
+        finally:
+            server.stop()
+    progress.update()
+    progress.set_description("our server early stop")
+    server = Server(early_model, 1, logs / "ours-early.log")
+    try:
+        server.first_answer({"length": 1})
+        for seed in s["early_stop_seeds"]:
+            answer, seconds = server.get(prefix="<|startoftext|>", truncate=END, length=s["early_stop_length"],
+                                         temperature=0.7, seed=seed)
+            result["early_stop"].append({"seed": seed, "length": s["early_stop_length"],
+                                         "tokens_computed": answer["tokens"], "stop_reason": answer["stop_reason"],
+                                         "seconds": seconds, "text": answer["text"]})
+    finally:
+        server.stop()
+    progress.update()
+    return result
+
+
+# ----------------------------------------------------------------------------- main
+
+def machine():
+    model_name = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    versions = {name: metadata.version(name) for name in
+                ["numpy", "tensorflow-cpu", "gpt-2-simple", "tokenizers", "starlette", "uvicorn"]}
+    return {"cpu": model_name, "cores": os.cpu_count(), "python": platform.python_version(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1), **versions}
+
+
+def write_outputs(out, results):
+    """serve.json, serve.md and serve.png, each written to a temp file and renamed into place."""
+    table = report.table(results)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tmp = Path(tmp)
+        (tmp / "serve.json").write_text(json.dumps(results, indent=1) + "\n")
+        (tmp / "serve.md").write_text(table + "\n")
+        report.chart(results, tmp / "serve.png")
+        for name in ["serve.json", "serve.md", "serve.png"]:
+            os.replace(tmp / name, out / name)
+    return table
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a small trained model and few requests")
+    p.add_argument("--out", help="output folder (default bench/out, or bench/out/quick with --quick)")
+    p.add_argument("--tiny-model", help="an exported small trained run folder to use instead of building one")
+    args = p.parse_args()
+    out = Path(args.out or ROOT / "bench" / "out" / ("quick" if args.quick else "")).resolve()
+    if args.tiny_model and not (Path(args.tiny_model) / "weights" / "manifest.json").exists():
+        p.error(f"--tiny-model {args.tiny_model}: no weights/manifest.json (run python -m finetune.export on it)")
+    s = settings_for(args.quick)
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    started = time.time()
+    try:
+        with tqdm(total=8, desc="models", disable=None) as progress:
+            model, early_model = build_models(args, out, s)
+            progress.update()
+            progress.set_description("memory bandwidth")
+            manifest = json.loads((model / "weights" / "manifest.json").read_text())
+            bw = {str(t): bandwidth.read_bandwidth(t) for t in (1, 2)}
+            progress.update()
+            baseline = bench_baseline(model, early_model, s, logs, progress)
+            ours = bench_ours(model, early_model, s, logs, progress)
+    except BenchError as e:
+        sys.exit(f"bench/serve.py: {e}")
+    results = {
+        "date": datetime.date.today().isoformat(), "mode": "quick" if args.quick else "full",
+        "machine": machine(), "settings": s, "prompt": PROMPT, "wall_seconds": round(time.time() - started, 1),
+        "model": {"run_dir": str(model), "hparams": manifest["hparams"],
+                  "weight_bytes_per_token": bandwidth.weight_bytes_per_token(manifest)},
+        "early_stop_model": {"run_dir": str(early_model),
+                             "hparams": json.loads((early_model / "hparams.json").read_text())},
+        "bandwidth_bytes_per_s": bw,
+        "contenders": {"baseline": baseline, "ours": ours},
+    }
+    results["summary"] = report.summarize(results)
+    print(write_outputs(out, results))
+    print(f"\nwrote {out / 'serve.md'}, {out / 'serve.png'}, {out / 'serve.json'}")
+
+
+if __name__ == "__main__":
+    main()
