@@ -127,6 +127,7 @@ def build(out_dir, hparams=SHAPE_124M, seed=0):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)
     try:
         (tmp / "hparams.json").write_text(json.dumps(hparams, indent=2) + "\n")
         train_tokenizer(tmp, hparams["n_vocab"], seed)

@@ -91,16 +91,19 @@ def build_tiny_trained(models_dir):
                 "a small boat", "the new library", "her garden", "the night train"]
     verbs = ["looks", "feels", "seems", "was", "is"]
     adjectives = ["quiet today", "really nice", "a bit strange", "far too loud", "just fine", "lovely"]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=models_dir) as tmp:
         dataset = Path(tmp) / "corpus.txt"
         with open(dataset, "w") as f:
             for _ in range(400):
                 text = f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(adjectives)}."
                 f.write(f"<|startoftext|>{text.capitalize()}<|endoftext|>\n")
         run([sys.executable, "-m", "finetune", "--from-scratch", "--n-layer", "2", "--n-embd", "64",
-             "--n-head", "2", "--vocab-size", "1000", "--dataset", str(dataset), "--steps", "300",
-             "--run-name", run_dir.name, "--checkpoint-dir", str(models_dir), "--seed", "0"],
-            "training the small model", models_dir / "tiny-trained.log")
+             "--n-head", "2", "--vocab-size", "1000", "--dataset", str(dataset), "--steps", "150",
+             "--learning-rate", "0.003", "--accumulate-gradients", "1", "--sample-every", "0",
+             "--save-every", "0", "--seed", "0", "--run-name", "run", "--checkpoint-dir", tmp],
+            "training the small model (python -m finetune)", models_dir / "tiny-trained.log")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.rename(Path(tmp) / "run", run_dir)
     return run_dir
 
 
@@ -336,13 +339,14 @@ def main():
     args = p.parse_args()
     out = Path(args.out or ROOT / "bench" / "out" / ("quick" if args.quick else "")).resolve()
     if args.tiny_model and not (Path(args.tiny_model) / "weights" / "manifest.json").exists():
-        p.error(f"--tiny-model {args.tiny_model}: no weights/manifest.json (run python -m finetune.export on it)")
+        sys.exit(f"bench/serve.py: --tiny-model {args.tiny_model} has no weights/manifest.json "
+                 "(an exported run folder is needed: python -m finetune.export RUN_DIR)")
     s = settings_for(args.quick)
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     started = time.time()
     try:
-        with tqdm(total=8, desc="models", disable=None) as progress:
+        with tqdm(total=10, desc="models", disable=None) as progress:
             model, early_model = build_models(args, out, s)
             progress.update()
             progress.set_description("memory bandwidth")
