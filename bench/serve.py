@@ -361,6 +361,7 @@ def main():
         "date": datetime.date.today().isoformat(), "mode": "quick" if args.quick else "full",
         "machine": machine(), "settings": s, "prompt": PROMPT, "wall_seconds": round(time.time() - started, 1),
         "model": {"run_dir": str(model), "hparams": manifest["hparams"],
+                  "weights": "small trained model" if args.quick else "random weights",
                   "weight_bytes_per_token": bandwidth.weight_bytes_per_token(manifest)},
         "early_stop_model": {"run_dir": str(early_model),
                              "hparams": json.loads((early_model / "hparams.json").read_text())},
