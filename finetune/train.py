@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -256,7 +257,7 @@ class Trainer:
             raise KeyboardInterrupt
         self.stop_signal = signum
         tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
-                   "(again to stop without saving)")
+                   "(again to stop without saving)", file=sys.stderr)
 
     def train_step(self):
         batch_size = self.args.batch_size

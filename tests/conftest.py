@@ -6,6 +6,7 @@
   under tests/out/cache/ keyed by the finetune sources and the command (TINY_RUN_NO_CACHE=1 builds
   afresh); each session gets its own copy, so tests may change it.
 - tiny_corpus (session): the corpus file it was trained on; write_corpus(path) writes one.
+- openai_layout(run_dir, dest): a run's checkpoint as a GPT-2 release (models/124M's files).
 - free_port (fixture returning a function) / find_free_port(): a TCP port nobody listens on.
 - storage_emulator (session): gcp-storage-emulator on a free port; yields its URL
   ("http://127.0.0.1:PORT") for STORAGE_EMULATOR_HOST. It sets no environment variable itself.
@@ -24,6 +25,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # tests import finetune/ and app/ however pytest was started
+    sys.path.insert(0, str(ROOT))
 OUT = ROOT / "tests" / "out"
 
 # Small enough to train in seconds on two cores; n_ctx stays GPT-2's 1024 (see interfaces.md).
@@ -59,6 +62,23 @@ def run_finetune(*args, env=None, timeout=300, cwd=ROOT):
     """Run `python -m finetune ARGS` from the repository root; return the CompletedProcess."""
     return subprocess.run(finetune_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def openai_layout(run_dir, dest):
+    """Copy a run folder's latest checkpoint as a GPT-2 release in OpenAI's layout (model.ckpt.*).
+
+    A checkpoint bundle's index does not name its files, so renaming the prefix is enough.
+    """
+    run_dir, dest = Path(run_dir), Path(dest)
+    dest.mkdir(parents=True)
+    latest = (run_dir / "checkpoint").read_text().splitlines()[0].split('"')[1]
+    for suffix in (".data-00000-of-00001", ".index", ".meta"):
+        shutil.copyfile(run_dir / (latest + suffix), dest / ("model.ckpt" + suffix))
+    for name in ("hparams.json", "encoder.json", "vocab.bpe"):
+        shutil.copyfile(run_dir / name, dest / name)
+    (dest / "checkpoint").write_text('model_checkpoint_path: "model.ckpt"\n'
+                                     'all_model_checkpoint_paths: "model.ckpt"\n')
+    return dest
 
 
 def find_free_port():
