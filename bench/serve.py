@@ -1,7 +1,7 @@
 """Cold start, speed and memory of our server against gpt-2-simple, side by side on this machine.
 
     python bench/serve.py            # GPT-2 124M shape (random weights), ~15 minutes
-    python bench/serve.py --quick    # a small trained model and few requests, ~1-2 minutes
+    python bench/serve.py --quick    # a small model and few requests, ~1-2 minutes
 
 Contenders, each in its own processes: gpt-2-simple's load_gpt2 + a fresh generate() per request,
 as gpt-2-cloud-run serves it (bench/baseline.py), and our server started as `python -m app`,
@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bandwidth  # noqa: E402
+import make_model  # noqa: E402
 import report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,16 +68,21 @@ def proc_memory_mb(pid):
 
 # ----------------------------------------------------------------------------- models
 
-def build_models(args, out, s):
-    """(speed model, early-stop model). The speed model is the 124M shape with random weights
-    (--quick: the small trained one); early stop needs a model that learned to end its texts."""
-    tiny = Path(args.tiny_model) if args.tiny_model else build_tiny_trained(out / "models")
-    if args.quick:
-        return tiny, tiny
-    big = out / "models" / "gpt2-124M-random"
-    run([sys.executable, str(ROOT / "bench" / "make_model.py"), str(big)], "building the 124M-shape model",
-        out / "logs" / "make_model.log")
-    return big, tiny
+SMALL_SHAPE = {"n_vocab": 1000, "n_ctx": 1024, "n_embd": 64, "n_head": 2, "n_layer": 2}
+
+
+def build_models(args, models_dir, logs):
+    """(speed model, early-stop model). Speed runs need every answer to run to its full length,
+    which random weights do (the end marker is 1 of n_vocab tokens): the GPT-2 124M shape, or
+    with --quick a small one. Early stop needs a model that learned to end its texts."""
+    shape, name = (SMALL_SHAPE, "small-random") if args.quick else (make_model.SHAPE_124M, "gpt2-124M-random")
+    speed = models_dir / name
+    cmd = [sys.executable, str(ROOT / "bench" / "make_model.py"), str(speed)]
+    for key, value in shape.items():
+        cmd += ["--" + key.replace("_", "-"), str(value)]
+    run(cmd, f"building the {name} model (bench/make_model.py)", logs / "make_model.log")
+    early = Path(args.tiny_model).resolve() if args.tiny_model else build_tiny_trained(models_dir)
+    return speed, early
 
 
 def build_tiny_trained(models_dir):
@@ -333,9 +339,11 @@ def write_outputs(out, results):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a small trained model and few requests")
+    p.add_argument("--quick", action="store_true", help="a small model and few requests")
     p.add_argument("--out", help="output folder (default bench/out, or bench/out/quick with --quick)")
-    p.add_argument("--tiny-model", help="an exported small trained run folder to use instead of building one")
+    p.add_argument("--models", help="where built models are cached (default bench/out/models)")
+    p.add_argument("--tiny-model", help="an exported small trained run folder (it must end its texts) for "
+                   "the early-stop figure, instead of training one")
     args = p.parse_args()
     out = Path(args.out or ROOT / "bench" / "out" / ("quick" if args.quick else "")).resolve()
     if args.tiny_model and not (Path(args.tiny_model) / "weights" / "manifest.json").exists():
@@ -347,7 +355,8 @@ def main():
     started = time.time()
     try:
         with tqdm(total=10, desc="models", disable=None) as progress:
-            model, early_model = build_models(args, out, s)
+            models_dir = Path(args.models or ROOT / "bench" / "out" / "models").resolve()
+            model, early_model = build_models(args, models_dir, logs)
             progress.update()
             progress.set_description("memory bandwidth")
             manifest = json.loads((model / "weights" / "manifest.json").read_text())
@@ -361,7 +370,7 @@ def main():
         "date": datetime.date.today().isoformat(), "mode": "quick" if args.quick else "full",
         "machine": machine(), "settings": s, "prompt": PROMPT, "wall_seconds": round(time.time() - started, 1),
         "model": {"run_dir": str(model), "hparams": manifest["hparams"],
-                  "weights": "small trained model" if args.quick else "random weights",
+                  "weights": "random weights",
                   "weight_bytes_per_token": bandwidth.weight_bytes_per_token(manifest)},
         "early_stop_model": {"run_dir": str(early_model),
                              "hparams": json.loads((early_model / "hparams.json").read_text())},

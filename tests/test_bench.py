@@ -1,5 +1,5 @@
 """bench/serve.py --quick end to end: both contenders really run (gpt-2-simple in TensorFlow, our
-server over HTTP) on the small trained model, and the table, chart and raw figures come out sane.
+server over HTTP) on a small random model (speed, memory) and the small trained one (early stop), and the table, chart and raw figures come out sane.
 No timing thresholds: the machine is shared; only that every figure exists and is consistent."""
 import json
 import subprocess
@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def quick(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([sys.executable, "bench/serve.py", "--quick", "--out", str(out),
-                           "--tiny-model", str(tiny_run)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # built models are cached under tests/out/ (gitignored) so reruns skip building them
+    proc = subprocess.run([sys.executable, "bench/serve.py", "--quick", "--out", str(out), "--models",
+                           str(ROOT / "tests" / "out" / "bench-models"), "--tiny-model", str(tiny_run)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout, json.loads((out / "serve.json").read_text())
 
