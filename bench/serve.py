@@ -290,7 +290,7 @@ def bench_ours(model, early_model, s, logs, progress):
             server.stop()
         progress.update()
     progress.set_description("our server cold starts")
-    for i in range(s["cold_repeats"] - 1):
+    for _ in range(s["cold_repeats"] - 1):
         server = Server(model, 1, logs / "ours-cold.log")
         try:
             result["cold_start_s"].append(server.first_answer({"prefix": PROMPT, "length": 20, "seed": 0})[0])
