@@ -2,12 +2,18 @@
 import csv
 import hashlib
 import json
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
+import pytest
 
-from conftest import ROOT, TINY_MODEL_ARGS, run_finetune
+from conftest import ROOT, TINY_MODEL_ARGS, openai_layout, run_finetune, write_corpus
 
 GPT2_SIMPLE_FILES = ["checkpoint", "counter", "hparams.json", "encoder.json", "vocab.bpe"]
 
@@ -85,3 +91,182 @@ def test_gpt2_simple_loads_and_generates(tiny_run):
     # The corpus's words: a trained model writes them, a random one writes byte soup.
     words = {"cat", "dog", "model", "weather", "team", "robot", "likes", "hates", "found", "wants"}
     assert any(w in " ".join(texts) for w in words)
+
+
+# -- interruption and resume ---------------------------------------------------------------------
+
+def tree_digest(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_sigterm_saves_a_checkpoint_that_resume_continues(tmp_path, tiny_corpus):
+    ckpt = tmp_path / "ckpt"
+    common = [*TINY_MODEL_ARGS, "--dataset", tiny_corpus, "--checkpoint-dir", ckpt, "--run-name", "r",
+              "--learning-rate", "0.003", "--accumulate-gradients", "1", "--save-every", "0",
+              "--sample-length", "20"]
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", *map(str, common), "--steps", "-1",
+                             "--sample-every", "5"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = []
+    reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: proc.stderr.read(64), "")))
+    reader.start()
+    deadline = time.time() + 120
+    while not re.search(r"step=(8|9|\d\d+) ", "".join(stderr)):
+        assert proc.poll() is None and time.time() < deadline, "".join(stderr)
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    reader.join()
+    proc.stdout.close()
+    err = "".join(stderr)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    run = ckpt / "r"
+    saved = int((run / "counter").read_text())
+    assert saved >= 8
+    assert err.strip().splitlines()[-1] == (
+        f"SIGTERM: saved model-{saved} in {run}; continue with --restore-from latest")
+    assert (run / "samples" / "samples-5").read_text().startswith("======== SAMPLE 1 ========\n")
+    assert json.loads((run / "weights" / "manifest.json").read_text())["checkpoint"] == f"model-{saved}"
+    assert [r[0] for r in read_loss(run)] == list(range(1, saved + 1))
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".")]
+
+    result = run_finetune(*common, "--steps", "3", "--sample-every", "0", "--restore-from", "latest")
+    assert result.returncode == 0, result.stderr
+    assert (run / "counter").read_text() == f"{saved + 3}\n"
+    assert (run / "checkpoint").read_text().splitlines()[0] == f'model_checkpoint_path: "model-{saved + 3}"'
+    assert not list(run.glob(f"model-{saved}.*")), "the previous checkpoint should be replaced"
+    assert [r[0] for r in read_loss(run)] == list(range(1, saved + 4))
+    assert json.loads((run / "weights" / "manifest.json").read_text())["checkpoint"] == f"model-{saved + 3}"
+
+
+def test_colab_run_continues_here(tiny_run, tmp_path, tiny_corpus):
+    """A run folder written by gpt_2_simple.finetune itself (as in the Colab notebook) resumes here."""
+    openai_layout(tiny_run, tmp_path / "models" / "124M")
+    colab = (
+        "import gpt_2_simple as gpt2\n"
+        "sess = gpt2.start_tf_sess()\n"
+        f"gpt2.finetune(sess, {str(tiny_corpus)!r}, steps=2, model_name='124M', accumulate_gradients=1,"
+        " sample_every=1000, save_every=1000, learning_rate=0.001)\n")
+    result = subprocess.run([sys.executable, "-c", colab], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "checkpoint" / "run1"
+    assert (run / "counter").read_text().strip() == "2"
+
+    result = run_finetune("--dataset", tiny_corpus, "--steps", "2", "--accumulate-gradients", "1",
+                          "--sample-every", "0", "--checkpoint-dir", tmp_path / "checkpoint",
+                          "--model-url", "http://127.0.0.1:9/not-needed")
+    assert result.returncode == 0, result.stderr
+    assert (run / "counter").read_text() == "4\n"
+    assert (run / "model-4.index").is_file() and not (run / "model-2.index").exists()
+    assert json.loads((run / "weights" / "manifest.json").read_text())["checkpoint"] == "model-4"
+
+
+def test_a_failed_fresh_run_leaves_the_previous_checkpoint_intact(tiny_run, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_run, ckpt / "run1")
+    before = tree_digest(ckpt / "run1")
+    small = tmp_path / "small.txt"
+    small.write_text("<|startoftext|>too short to fill a window<|endoftext|>\n" * 20)
+    result = run_finetune(*TINY_MODEL_ARGS, "--dataset", small, "--restore-from", "fresh",
+                          "--checkpoint-dir", ckpt, "--steps", "5")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: dataset {small} is too small: ")
+    assert "Traceback" not in result.stderr
+    assert tree_digest(ckpt / "run1") == before
+    assert sorted(p.name for p in ckpt.iterdir()) == ["run1"]
+
+
+def test_resume_with_another_shape_is_refused(tiny_run, tmp_path, tiny_corpus):
+    shutil.copytree(tiny_run, tmp_path / "run1")
+    result = run_finetune("--from-scratch", "--n-layer", "3", "--dataset", tiny_corpus,
+                          "--checkpoint-dir", tmp_path, "--steps", "1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'run1'} holds a model with n_layer/n_embd/n_head (2, 64, 2), not (3, 64, 2): "
+        "use --restore-from fresh to replace it or another --run-name")
+
+
+# -- bad input: one line, exit 2, nothing written -------------------------------------------------
+
+BAD_INPUTS = [
+    (["--dataset", "{tmp}/missing.txt"], "error: dataset {tmp}/missing.txt does not exist"),
+    (["--dataset", "{tmp}/empty.txt"], "error: dataset {tmp}/empty.txt is empty"),
+    (["--dataset", "{tmp}/blank.txt"], "error: dataset {tmp}/blank.txt is empty (only whitespace)"),
+    (["--dataset", "{tmp}/corpus.txt", "--model", "125M"],
+     "error: unknown model '125M': choose one of 124M, 355M, 774M, 1558M"),
+    (["--dataset", "{tmp}/corpus.txt", "--from-scratch", "--n-embd", "65", "--n-head", "2"],
+     "error: --n-embd 65 is not divisible by --n-head 2"),
+    (["--dataset", "{tmp}/corpus.txt", "--from-scratch", "--vocab-size", "100"],
+     "error: --vocab-size 100 is too small: the 256 byte tokens and <|endoftext|> need at least 258"),
+    (["--dataset", "{tmp}/corpus.txt", "--steps", "0"],
+     "error: --steps must be a positive number of steps or -1, not 0"),
+    (["--dataset", "{tmp}/corpus.txt", "--restore-from", "newest"],
+     "error: --restore-from must be 'latest' or 'fresh', not 'newest'"),
+    (["--dataset", "{tmp}/corpus.txt", "--learning-rate", "-1"],
+     "error: argument --learning-rate: invalid positive number value: '-1' (see python -m finetune --help)"),
+    (["--dataset", "{tmp}/corpus.txt", "--upload", "s3://bucket/x"],
+     "error: argument --upload: invalid gs://bucket/prefix URL value: 's3://bucket/x' "
+     "(see python -m finetune --help)"),
+    (["--dataset", "{tmp}/corpus.txt", "--model-url", "ftp://mirror/gpt-2"],
+     "error: --model-url must be an http(s) URL, not 'ftp://mirror/gpt-2'"),
+    ([], "error: --dataset is required (the text to fine-tune on)"),
+    (["--dataset", "{tmp}/corpus.txt", "--no-such-flag"],
+     "error: unrecognized arguments: --no-such-flag (see python -m finetune --help)"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[m.split(":", 1)[1][:40] for _, m in BAD_INPUTS])
+def test_bad_input(tmp_path, args, message):
+    write_corpus(tmp_path / "corpus.txt")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("  \n\n \t\n")
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = run_finetune(*args, "--checkpoint-dir", tmp_path / "ckpt", "--model-dir", tmp_path / "models")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [message.format(tmp=tmp_path)]
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "models").exists()
+
+
+# -- python -m finetune.export --------------------------------------------------------------------
+
+def run_export(*args):
+    return subprocess.run([sys.executable, "-m", "finetune.export", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_export_cli_recreates_the_same_weights(tiny_run, tmp_path):
+    run = tmp_path / "run1"
+    shutil.copytree(tiny_run, run)
+    before = tree_digest(run / "weights")
+    shutil.rmtree(run / "weights")
+    result = run_export(run)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"exported model-100 (28 tensors) to {run / 'weights'}"
+    assert tree_digest(run / "weights") == before
+
+
+def test_a_failed_export_keeps_the_previous_one(tiny_run, tmp_path):
+    run = tmp_path / "run1"
+    shutil.copytree(tiny_run, run)
+    before = tree_digest(run / "weights")
+    (run / "model-100.index").write_bytes(b"not a checkpoint index")
+    result = run_export(run)
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"error: cannot read checkpoint {run / 'model-100'}")
+    assert tree_digest(run / "weights") == before
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("args,code,message", [
+    ([], 2, "usage: python -m finetune.export RUN_DIR   (e.g. checkpoint/run1)"),
+    (["{tmp}"], 1, "error: {tmp} has no 'checkpoint' file: not a gpt-2-simple run folder"),
+    (["{tmp}/nothing"], 1, "error: run folder {tmp}/nothing does not exist"),
+])
+def test_export_bad_input(tmp_path, args, code, message):
+    result = run_export(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == code
+    assert result.stderr.splitlines() == [message.format(tmp=tmp_path)]

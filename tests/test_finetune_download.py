@@ -76,9 +76,9 @@ def release(tiny_run, tmp_path_factory):
     return root
 
 
-def finetune_args(tmp_path, url):
+def finetune_args(tmp_path, url=None):
     corpus = write_corpus(tmp_path / "corpus.txt")
-    return ["--model", "124M", "--model-dir", tmp_path / "models", "--model-url", url,
+    return ["--model", "124M", "--model-dir", tmp_path / "models", *(["--model-url", url] if url else []),
             "--dataset", corpus, "--steps", "2", "--accumulate-gradients", "1", "--sample-every", "0",
             "--run-name", "run1", "--checkpoint-dir", tmp_path / "checkpoint"]
 
@@ -95,7 +95,8 @@ def test_broken_transfer_is_retried_and_incomplete_model_replaced(tmp_path, serv
         (tmp_path / "models" / "124M" / name).write_bytes(data[: len(data) // 3] if name == DATA else data)
 
     server, url = serve(release, break_once=[DATA, "encoder.json"])
-    result = run_finetune(*finetune_args(tmp_path, url))
+    # The mirror is named by the environment variable here, by --model-url elsewhere.
+    result = run_finetune(*finetune_args(tmp_path), env=dict(os.environ, GPT2_MODEL_URL=url))
     assert result.returncode == 0, result.stderr
     assert "incomplete" in result.stdout and "downloading it again" in result.stdout
     assert "retrying" in result.stderr
