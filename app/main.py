@@ -236,8 +236,8 @@ class GenerationStream(StreamingResponse):
             self.gate.leave(result and result["seconds"])
             if result:
                 self.fields.update({k: result[k] for k in ("tokens", "stop_reason", "seconds")})
-            elif "error" not in self.fields:
-                self.fields["disconnected"] = True
+            elif "error" not in self.fields:  # the client left: say how far it got
+                self.fields.update(disconnected=True, tokens=len(self.generation.samples[0].ids))
 
 
 async def limits_route(request):

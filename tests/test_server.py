@@ -1,0 +1,408 @@
+"""The HTTP API over real HTTP: `python -m app` in a subprocess (TensorFlow made unimportable in it)
+on a free port, driven with httpx.
+
+Two models: the trained `tiny_run` (it ends its texts, for stop reasons and parity of GET/POST), and a
+larger random one written here in the export format, slow enough (a few ms per token) that requests
+overlap: queueing, 429s, client disconnects and SIGTERM during a generation.
+"""
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from app.engine import expected_shapes
+
+ROOT = Path(__file__).resolve().parent.parent
+# The server process, with `import tensorflow` made to fail: it must never need it.
+BLOCK_TF_AND_RUN = ("import sys; sys.modules['tensorflow'] = None; import runpy; "
+                    "runpy.run_module('app', run_name='__main__', alter_sys=True)")
+
+
+class Server:
+    def __init__(self, proc, url, log_path):
+        self.proc, self.url, self.log_path = proc, url, log_path
+
+    def logs(self):
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+
+
+def start_server(model_dir, port, log_path, command=None, **env):
+    env = {**os.environ, "MODEL_DIR": str(model_dir), "PORT": str(port), "HOST": "127.0.0.1", **env}
+    log = open(log_path, "w")
+    proc = subprocess.Popen(command or [sys.executable, "-c", BLOCK_TF_AND_RUN], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            if httpx.head(url + "/", timeout=1).status_code == 200:
+                return Server(proc, url, log_path)
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start:\n{log_path.read_text()}")
+        time.sleep(0.05)
+
+
+def stop_server(server):
+    if server.proc.poll() is None:
+        server.proc.terminate()
+        try:
+            server.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+
+
+@contextlib.contextmanager
+def running_server(model_dir, port, log_path, **env):
+    server = start_server(model_dir, port, log_path, **env)
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
+def write_random_run(run_dir, tokenizer_from, n_layer=2, n_embd=768, n_head=12, seed=0):
+    """A random-weights run folder in the export format (what the server reads: checkpoint name,
+    .index hash, weights/*.npy and manifest.json), with a trained run's tokenizer."""
+    run_dir.mkdir(parents=True)
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(tokenizer_from / name, run_dir / name)
+    n_vocab = json.loads((tokenizer_from / "hparams.json").read_text())["n_vocab"]
+    hparams = {"n_vocab": n_vocab, "n_ctx": 1024, "n_embd": n_embd, "n_head": n_head, "n_layer": n_layer}
+    (run_dir / "hparams.json").write_text(json.dumps(hparams))
+    (run_dir / "checkpoint").write_text('model_checkpoint_path: "model-1"\nall_model_checkpoint_paths: "model-1"\n')
+    (run_dir / "model-1.index").write_bytes(b"random weights " + str(seed).encode())
+    (run_dir / "weights").mkdir()
+    rng = np.random.default_rng(seed)
+    values = {name: np.ones(shape, np.float32) if name.endswith("/g") else rng.normal(0, 0.02, shape).astype(np.float32)
+              for name, shape in expected_shapes(hparams).items()}
+    # Keep the end token improbable (logit about -25), so that generations run to their full length:
+    # the final layer norm's bias points one way, the end token's embedding the other. (A prompt
+    # without prefix starts from the end token at position 0: wpe[0] cancels its embedding there.)
+    direction = rng.normal(0, 1, n_embd).astype(np.float32)
+    direction *= 5 / np.linalg.norm(direction)
+    end_token = json.loads((tokenizer_from / "encoder.json").read_text())["<|endoftext|>"]
+    values["model/ln_f/b"] = direction
+    values["model/wte"][end_token] = -direction
+    values["model/wpe"][0] += direction
+    tensors = {}
+    for name, value in values.items():
+        np.save(run_dir / "weights" / (name.replace("/", ".") + ".npy"), value)
+        tensors[name] = {"shape": list(value.shape), "dtype": "float32"}
+    manifest = {"checkpoint": "model-1", "hparams": hparams, "tensors": tensors,
+                "index_sha256": hashlib.sha256((run_dir / "model-1.index").read_bytes()).hexdigest()}
+    (run_dir / "weights" / "manifest.json").write_text(json.dumps(manifest))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, tmp_path_factory):
+    from conftest import find_free_port
+
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(tiny_run, find_free_port(), log, ALLOWED_ORIGINS="http://allowed.example") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def slow_run(tiny_run, tmp_path_factory):
+    return write_random_run(tmp_path_factory.mktemp("slow") / "run1", tiny_run)
+
+
+@pytest.fixture(scope="module")
+def slow_server(slow_run, tmp_path_factory):
+    from conftest import find_free_port
+
+    log = tmp_path_factory.mktemp("slow_server") / "server.log"
+    with running_server(slow_run, find_free_port(), log) as s:
+        yield s
+
+
+def read_sse(response):
+    """Server-Sent Events as a browser reads them: (event name, data) per blank-line-ended block."""
+    events, name, data = [], "message", []
+    for line in response.iter_lines():
+        if line == "":
+            if data:
+                events.append((name, json.loads("\n".join(data))))
+            name, data = "message", []
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    return events
+
+
+# ---------------------------------------------------------------- routes and parameters
+
+
+def test_get_generates(server):
+    r = httpx.get(server.url + "/", params={"length": 8, "seed": 1}, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"text", "tokens", "stop_reason", "seconds"}
+    assert isinstance(body["text"], str) and 1 <= body["tokens"] <= 8
+    assert body["stop_reason"] in ("length", "end_token") and body["seconds"] >= 0
+
+
+def test_post_json_matches_get(server):
+    params = {"length": 20, "temperature": 0.9, "top_k": 5, "prefix": "<|startoftext|>my dog", "seed": 42}
+    got = httpx.get(server.url + "/", params=params, timeout=30).json()
+    posted = httpx.post(server.url + "/", json=params, timeout=30).json()
+    assert posted["text"] == got["text"] and posted["tokens"] == got["tokens"]
+    assert got["text"].startswith("<|startoftext|>my dog")
+    # A bare POST (no body) uses every default.
+    assert httpx.post(server.url + "/", timeout=30).status_code == 200
+
+
+def test_seed_temperature_top_k_top_p(server):
+    def text(**params):
+        return httpx.post(server.url + "/", json={"length": 15, "prefix": "<|startoftext|>", **params},
+                          timeout=30).json()["text"]
+
+    assert text(seed=5) == text(seed=5)
+    assert len({text(seed=s, temperature=1.5) for s in range(6)}) > 1
+    assert text(top_k=1, seed=1) == text(top_k=1, seed=2)  # greedy: the seed does not matter
+    assert text(top_p=1e-6, seed=1) == text(top_k=1, seed=2)  # a tiny nucleus is greedy too
+    assert text(top_p=0.9, top_k=1, seed=3) == text(top_p=0.9, seed=3)  # top_p > 0 overrides top_k
+
+
+def test_prefix_truncate_include_prefix(server):
+    base = {"prefix": "<|startoftext|>my dog", "length": 60, "top_k": 1}
+    ended = httpx.post(server.url + "/", json=base, timeout=30).json()
+    assert ended["stop_reason"] == "end_token"  # the trained model ends its texts: stopped early
+    assert ended["tokens"] < 60 and "<|endoftext|>" not in ended["text"]
+    assert ended["text"].startswith("<|startoftext|>my dog")
+
+    cut = httpx.post(server.url + "/", json={**base, "truncate": ".", "include_prefix": False}, timeout=30).json()
+    assert cut["stop_reason"] == "truncate"
+    assert ended["text"].startswith("<|startoftext|>my dog" + cut["text"] + ".")
+    assert not cut["text"].startswith("<|startoftext|>")
+    kept = httpx.get(server.url + "/", params={**base, "truncate": ".", "include_prefix": "true"}, timeout=30).json()
+    assert kept["text"] == "<|startoftext|>my dog" + cut["text"]
+
+
+def test_nsamples(server):
+    body = httpx.post(server.url + "/", json={"nsamples": 3, "length": 10, "seed": 3, "prefix": "<|startoftext|>"},
+                      timeout=30).json()
+    assert len(body["texts"]) == 3 and body["text"] == body["texts"][0]
+    assert len(body["stop_reasons"]) == 3 and body["tokens"] <= 30
+    assert len(set(body["texts"])) > 1
+
+
+def test_length_and_prefix_must_fit_the_context(server):
+    r = httpx.get(server.url + "/", params={"length": 1023, "prefix": "my dog"}, timeout=30)
+    assert r.status_code == 400 and r.json()["parameter"] == "length"
+    assert "1024" in r.json()["error"] and "at most 10" in r.json()["error"]
+    r = httpx.get(server.url + "/", params={"length": 1023, "top_k": 1, "temperature": 2}, timeout=60)
+    assert r.status_code == 200  # the longest possible answer without a prefix
+
+
+def test_head_limits_and_page(server):
+    r = httpx.head(server.url + "/")
+    assert r.status_code == 200 and r.content == b""
+    limits = httpx.get(server.url + "/limits").json()
+    for name in ("length", "temperature", "top_k", "top_p", "prefix", "truncate", "include_prefix", "seed",
+                 "nsamples", "stream"):
+        assert "default" in limits[name], name
+    assert limits["length"] == {"type": "integer", "default": 100, "min": 1, "max": 1023}
+    assert limits["prefix_max_chars"] == 500 and limits["n_ctx"] == 1024
+    page = httpx.get(server.url + "/ui/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<html" in page.text.lower()
+
+
+def test_streaming_sse(server):
+    for method, kwargs in (("GET", {"params": {"stream": "true", "length": 30, "prefix": "<|startoftext|>",
+                                               "seed": 9}}),
+                           ("POST", {"json": {"stream": True, "length": 30, "prefix": "<|startoftext|>",
+                                              "seed": 9}})):
+        with httpx.stream(method, server.url + "/", timeout=30, **kwargs) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = read_sse(r)
+        pieces = [data["text"] for name, data in events if name == "message"]
+        name, done = events[-1]
+        assert name == "done" and len(pieces) >= 2
+        assert "".join(pieces) == done["text"]
+        assert done["tokens"] >= 1 and done["stop_reason"] in ("length", "end_token") and "seconds" in done
+        plain = httpx.post(server.url + "/", json={"length": 30, "prefix": "<|startoftext|>", "seed": 9},
+                           timeout=30).json()
+        assert plain["text"] == done["text"]
+
+
+def test_cors(server):
+    allowed = {"Origin": "http://allowed.example"}
+    preflight = httpx.options(server.url + "/", headers={**allowed, "Access-Control-Request-Method": "POST",
+                                                         "Access-Control-Request-Headers": "content-type"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "http://allowed.example"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert "content-type" in preflight.headers["access-control-allow-headers"].lower()
+
+    r = httpx.post(server.url + "/", json={"length": 2}, headers=allowed, timeout=30)
+    assert r.headers["access-control-allow-origin"] == "http://allowed.example"
+    bad = httpx.post(server.url + "/", json={"length": 0}, headers=allowed)  # errors are readable cross-origin
+    assert bad.status_code == 400 and bad.headers["access-control-allow-origin"] == "http://allowed.example"
+
+    other = httpx.options(server.url + "/", headers={"Origin": "http://evil.example",
+                                                     "Access-Control-Request-Method": "POST"})
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    r = httpx.get(server.url + "/limits", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_json_lines_logs(server):
+    httpx.get(server.url + "/", params={"length": 3, "seed": 1}, timeout=30)
+    httpx.get(server.url + "/", params={"length": "x"})
+    entries = server.logs()  # every line parses as JSON (json.loads would raise otherwise)
+    assert all(entry["severity"] in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") for entry in entries)
+    generated = [e for e in entries if e.get("params", {}).get("length") == 3 and "tokens" in e]
+    assert generated and generated[-1]["severity"] == "INFO" and generated[-1]["seconds"] >= 0
+    assert generated[-1]["httpRequest"]["status"] == 200
+    refused = [e for e in entries if e.get("parameter") == "length" and e["httpRequest"]["status"] == 400]
+    assert refused and refused[-1]["severity"] == "WARNING"
+
+
+# ---------------------------------------------------------------- start-up
+
+
+def test_uvicorn_entry_point_and_default_origins(tiny_run, free_port, tmp_path):
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    server = start_server(tiny_run, port, tmp_path / "log", command=command)
+    try:
+        r = httpx.get(server.url + "/", params={"length": 3}, headers={"Origin": "http://any.example"}, timeout=30)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_folder", "does not exist"),
+    ("no_export", "python -m finetune.export"),
+    ("stale_export", "python -m finetune.export"),
+    ("corrupt_weights", "python -m finetune.export"),
+    ("corrupt_hparams", "hparams.json"),
+])
+def test_refuses_to_start_without_a_good_model(tiny_run, tmp_path, free_port, damage, message):
+    run_dir = tmp_path / "run1"
+    if damage != "no_folder":
+        shutil.copytree(tiny_run, run_dir)
+    if damage == "no_export":
+        shutil.rmtree(run_dir / "weights")
+    elif damage == "stale_export":
+        (run_dir / "checkpoint").write_text('model_checkpoint_path: "model-999"\n')
+        shutil.copy(next(run_dir.glob("model-*.index")), run_dir / "model-999.index")
+    elif damage == "corrupt_weights":
+        wte = run_dir / "weights" / "model.wte.npy"
+        wte.write_bytes(wte.read_bytes()[:1000])
+    elif damage == "corrupt_hparams":
+        (run_dir / "hparams.json").write_text("{not json")
+    port = free_port()
+    env = {**os.environ, "MODEL_DIR": str(run_dir), "PORT": str(port), "HOST": "127.0.0.1"}
+    result = subprocess.run([sys.executable, "-c", BLOCK_TF_AND_RUN], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert message in output and "Traceback" not in output
+    assert json.loads(output.strip().splitlines()[-1])["severity"] == "ERROR"
+
+
+# ---------------------------------------------------------------- load, disconnects, shutdown
+
+
+def test_head_stays_responsive_during_a_generation(slow_server):
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        long = pool.submit(httpx.get, slow_server.url + "/", params={"length": 400, "seed": 1}, timeout=60)
+        time.sleep(0.3)
+        started = time.perf_counter()
+        assert httpx.head(slow_server.url + "/").status_code == 200
+        assert httpx.get(slow_server.url + "/limits").status_code == 200
+        assert time.perf_counter() - started < 1  # not queued behind the generation (seconds)
+        assert not long.done()  # it really overlapped the generation
+        assert long.result().status_code == 200
+
+
+def test_40_concurrent_requests(slow_server):
+    process = psutil.Process(slow_server.proc.pid)
+
+    def one(i):
+        try:
+            r = httpx.get(slow_server.url + "/", params={"length": 60, "seed": i}, timeout=120)
+            return r.status_code, r.headers.get("retry-after"), r.json()
+        except httpx.HTTPError as e:
+            return "lost", None, repr(e)
+
+    def burst():
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            return list(pool.map(one, range(40)))
+
+    burst()  # warm up: the cache pages and the allocator reach their working size
+    rss = [process.memory_info().rss]
+    for _ in range(3):
+        answers = burst()
+        rss.append(process.memory_info().rss)
+        statuses = [status for status, _, _ in answers]
+        assert set(statuses) <= {200, 429}, answers
+        assert 1 <= statuses.count(200) and 1 <= statuses.count(429)
+        for status, retry_after, body in answers:
+            if status == 429:
+                assert int(retry_after) >= 1 and body["retry_after"] == int(retry_after) and "busy" in body["error"]
+            else:
+                assert body["tokens"] == 60
+    assert slow_server.proc.poll() is None
+    assert httpx.head(slow_server.url + "/").status_code == 200
+    assert max(rss) - rss[0] < 10 * 2**20, [r >> 20 for r in rss]
+
+
+def test_client_disconnect_stops_the_stream(slow_server):
+    with httpx.stream("GET", slow_server.url + "/", params={"stream": "true", "length": 1000, "seed": 1},
+                      timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break  # one piece, then hang up
+    started = time.perf_counter()
+    r = httpx.get(slow_server.url + "/", params={"length": 5}, timeout=30)
+    assert r.status_code == 200
+    assert time.perf_counter() - started < 2  # far less than the 1000 tokens it was asked for
+    time.sleep(0.2)
+    stream_logs = [e for e in slow_server.logs() if e.get("params", {}).get("length") == 1000]
+    assert stream_logs[-1]["disconnected"] is True and stream_logs[-1]["tokens"] < 1000
+
+
+def test_sigterm_finishes_the_request_in_flight(slow_run, free_port, tmp_path):
+    server = start_server(slow_run, free_port(), tmp_path / "log")
+    try:
+        results = {}
+
+        def ask():
+            results["response"] = httpx.get(server.url + "/", params={"length": 300, "seed": 1}, timeout=60)
+
+        thread = threading.Thread(target=ask)
+        thread.start()
+        time.sleep(0.4)
+        assert thread.is_alive()
+        server.proc.send_signal(signal.SIGTERM)
+        thread.join(timeout=30)
+        assert results["response"].status_code == 200 and results["response"].json()["tokens"] == 300
+        assert server.proc.wait(timeout=15) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.head(server.url + "/", timeout=2)
+        assert any(e["message"] == "shut down" for e in server.logs())
+    finally:
+        stop_server(server)
