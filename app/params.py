@@ -43,8 +43,8 @@ class Number:
         self.default, self.low, self.high, self.low_inclusive = default, low, high, low_inclusive
 
     def describe(self):
-        low = f"at least {self.low}" if self.low_inclusive else f"greater than {self.low}"
-        return f"a number {low} and at most {self.high}"
+        low = f"at least {self.low:g}" if self.low_inclusive else f"greater than {self.low:g}"
+        return f"a number {low} and at most {self.high:g}"
 
     def parse(self, value):
         if isinstance(value, str) and NUMBER.fullmatch(value):
