@@ -67,9 +67,9 @@ def build_parser():
     p.add_argument("--model", default="124M", help="GPT-2 release to start from: " + ", ".join(MODELS))
     p.add_argument("--steps", type=int, default=1000, help="training steps in this run (-1: until Ctrl-C)")
     p.add_argument("--run-name", default="run1", help="run folder name under --checkpoint-dir")
-    p.add_argument("--checkpoint-dir", default="checkpoint")
-    p.add_argument("--learning-rate", type=positive_float, default=1e-4)
-    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--checkpoint-dir", default="checkpoint", help="where run folders are kept")
+    p.add_argument("--learning-rate", type=positive_float, default=1e-4, help="Adam's learning rate")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="windows per batch")
     p.add_argument("--accumulate-gradients", type=positive_int, default=5,
                    help="batches per optimizer step (gpt-2-simple's default)")
     p.add_argument("--sample-every", type=non_negative_int, default=200,
@@ -107,6 +107,8 @@ def validate(args):
     if not args.from_scratch and args.model not in MODELS:
         raise UsageError(f"unknown model {args.model!r}: choose one of {', '.join(MODELS)}")
     if args.from_scratch:
+        if args.dataset and args.dataset.endswith(".npz"):
+            raise UsageError("--from-scratch needs a text dataset to build its tokenizer, not a .npz")
         if args.n_embd % args.n_head:
             raise UsageError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
         if args.vocab_size < 258:

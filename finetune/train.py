@@ -85,6 +85,9 @@ def run(args):
 
     # A new run (or --restore-from fresh) is built in a hidden work folder that takes the run's
     # name at its first complete checkpoint; a failure before that leaves nothing behind.
+    if args.restore_from == "latest" and os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise UsageError(f"{run_dir} exists but holds no checkpoint to continue: "
+                         "use --restore-from fresh to replace it or another --run-name")
     work_dir = partial_dir(os.path.dirname(run_dir), args.run_name)
     try:
         if args.from_scratch:
@@ -115,8 +118,6 @@ def check_resume_shape(run_dir, args):
 
 def write_scratch_files(args, work_dir):
     """Tokenizer from the dataset and hparams.json for a randomly initialised model."""
-    if args.dataset.endswith(".npz"):
-        raise UsageError("--from-scratch needs a text dataset to build its tokenizer, not a .npz")
     from finetune.tokenizer import train_tokenizer
     print(f"Training a byte-level BPE tokenizer (up to {args.vocab_size} tokens) on {args.dataset}")
     n_vocab = train_tokenizer(read_text(args.dataset), args.vocab_size, work_dir)

@@ -189,6 +189,17 @@ def test_resume_with_another_shape_is_refused(tiny_run, tmp_path, tiny_corpus):
         "use --restore-from fresh to replace it or another --run-name")
 
 
+def test_a_folder_that_is_not_a_run_is_not_overwritten(tmp_path, tiny_corpus):
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run1" / "notes.txt").write_text("mine")
+    result = run_finetune("--from-scratch", "--dataset", tiny_corpus, "--checkpoint-dir", tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'run1'} exists but holds no checkpoint to continue: "
+        "use --restore-from fresh to replace it or another --run-name")
+    assert [p.name for p in (tmp_path / "run1").iterdir()] == ["notes.txt"]
+
+
 # -- bad input: one line, exit 2, nothing written -------------------------------------------------
 
 BAD_INPUTS = [
@@ -212,6 +223,8 @@ BAD_INPUTS = [
      "(see python -m finetune --help)"),
     (["--dataset", "{tmp}/corpus.txt", "--model-url", "ftp://mirror/gpt-2"],
      "error: --model-url must be an http(s) URL, not 'ftp://mirror/gpt-2'"),
+    (["--dataset", "{tmp}/corpus.npz", "--from-scratch"],
+     "error: --from-scratch needs a text dataset to build its tokenizer, not a .npz"),
     ([], "error: --dataset is required (the text to fine-tune on)"),
     (["--dataset", "{tmp}/corpus.txt", "--no-such-flag"],
      "error: unrecognized arguments: --no-such-flag (see python -m finetune --help)"),
@@ -223,6 +236,7 @@ def test_bad_input(tmp_path, args, message):
     write_corpus(tmp_path / "corpus.txt")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "blank.txt").write_text("  \n\n \t\n")
+    (tmp_path / "corpus.npz").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip
     args = [a.format(tmp=tmp_path) for a in args]
     result = run_finetune(*args, "--checkpoint-dir", tmp_path / "ckpt", "--model-dir", tmp_path / "models")
     assert result.returncode == 2
