@@ -1,0 +1,483 @@
+"""The HTML page (app/static/index.html) in a real browser, against the real app, cross-origin.
+
+The page is served by a plain static server on one port and the app (uvicorn, the tiny model) runs on
+another, so every call the page makes is cross-origin and the app's CORS handling is exercised for real.
+Screenshots of each state go to tests/out/page/.
+"""
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from conftest import find_free_port as free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+STATIC = ROOT / "app" / "static"
+OUT = ROOT / "tests" / "out" / "page"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+XSS = "<img src=x onerror=alert(1)>"
+
+
+def wait_until_up(url, proc, log, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.head(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def out_dir():
+    OUT.mkdir(parents=True, exist_ok=True)
+    return OUT
+
+
+@pytest.fixture(scope="module")
+def site(out_dir):
+    """The page, from a plain static file server: a different origin from the API."""
+    port = free_port()
+    log = out_dir / "static.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                 "--directory", str(STATIC)], stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url + "/index.html", proc, log)
+        yield url
+    finally:
+        stop(proc)
+
+
+class Api:
+    def __init__(self, url, log):
+        self.url, self.log = url, log
+
+    def log_text(self):
+        return self.log.read_text()
+
+
+@contextlib.contextmanager
+def serve(model_dir, site, log, **env):
+    """The real app (uvicorn) on MODEL_DIR, allowing the page's origin only."""
+    port = free_port()
+    env = dict(os.environ, MODEL_DIR=str(model_dir), ALLOWED_ORIGINS=site, PORT=str(port), **env)
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=ROOT, env=env,
+                                stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url + "/", proc, log)
+        yield Api(url, log)
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def api(tiny_run, site, out_dir):
+    with serve(tiny_run, site, out_dir / "server.log") as api:
+        yield api
+
+
+def widen(run, dest, n_layer=8, n_embd=512, n_head=8, seed=0):
+    """A copy of RUN with random weights of a wider shape in its export (tokenizer and checkpoint
+    files kept, so the export still matches them). Random weights rarely pick the end token and a
+    wider model takes milliseconds a token, so its answers stream for seconds, long enough to press
+    Stop or to find the server busy; the trained tiny model writes a whole answer in ~30 ms."""
+    dest.mkdir(parents=True)
+    for name in ("checkpoint", "encoder.json", "vocab.bpe"):
+        shutil.copy(run / name, dest / name)
+    manifest = json.loads((run / "weights" / "manifest.json").read_text())
+    shutil.copy(run / f"{manifest['checkpoint']}.index", dest / f"{manifest['checkpoint']}.index")
+    hparams = dict(manifest["hparams"], n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+    (dest / "hparams.json").write_text(json.dumps(hparams))
+    c, rng, tensors = n_embd, np.random.default_rng(seed), {}
+    shapes = {"wte": [hparams["n_vocab"], c], "wpe": [hparams["n_ctx"], c], "ln_f/g": [c], "ln_f/b": [c]}
+    for i in range(n_layer):
+        shapes.update({f"h{i}/ln_1/g": [c], f"h{i}/ln_1/b": [c], f"h{i}/ln_2/g": [c], f"h{i}/ln_2/b": [c],
+                       f"h{i}/attn/c_attn/w": [1, c, 3 * c], f"h{i}/attn/c_attn/b": [3 * c],
+                       f"h{i}/attn/c_proj/w": [1, c, c], f"h{i}/attn/c_proj/b": [c],
+                       f"h{i}/mlp/c_fc/w": [1, c, 4 * c], f"h{i}/mlp/c_fc/b": [4 * c],
+                       f"h{i}/mlp/c_proj/w": [1, 4 * c, c], f"h{i}/mlp/c_proj/b": [c]})
+    (dest / "weights").mkdir()
+    for name, shape in shapes.items():
+        kind = name.rsplit("/", 1)[-1]
+        value = (np.ones(shape) if kind == "g" else np.zeros(shape) if kind == "b"
+                 else rng.normal(0, 0.02, shape))
+        np.save(dest / "weights" / ("model." + name.replace("/", ".") + ".npy"), value.astype(np.float32))
+        tensors["model/" + name] = {"shape": shape, "dtype": "float32"}
+    (dest / "weights" / "manifest.json").write_text(json.dumps(dict(manifest, hparams=hparams, tensors=tensors)))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def slow_api(tiny_run, site, out_dir, tmp_path_factory):
+    """The app on a slow model; QUEUE_SIZE=0, so while one answer streams another request gets 429."""
+    model = widen(tiny_run, tmp_path_factory.mktemp("slow") / "run1")
+    with serve(model, site, out_dir / "server-slow.log", QUEUE_SIZE="0") as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+def long_answer(slow_api):
+    """A request whose answer runs its full length (no early end token), and that answer."""
+    for seed in range(20):
+        body = {"prefix": "The cat ", "length": 150, "temperature": 1.0, "top_k": 0, "top_p": 0, "seed": seed}
+        answer = httpx.post(slow_api.url + "/", json=body, timeout=120).json()
+        if answer["stop_reason"] == "length":
+            return body, answer
+    pytest.fail("every seed in 0..19 ended early")
+
+
+@pytest.fixture(scope="module")
+def limits(api):
+    return httpx.get(api.url + "/limits", timeout=10).json()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Watched:
+    """A page with what it did recorded: dialogs, script errors, requests."""
+    def __init__(self, context, page):
+        self.context, self.page = context, page
+        self.dialogs, self.errors, self.requests = [], [], []
+        page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.on("request", lambda r: self.requests.append((r.method, r.url)))
+        self.responses = []
+        page.on("response", lambda r: self.responses.append((r.request.method, r.url, r.status, r.headers)))
+
+    def posts(self):
+        return [url for method, url in self.requests if method == "POST"]
+
+
+@pytest.fixture
+def make_page(browser):
+    contexts = []
+
+    def make(**options):
+        options.setdefault("viewport", {"width": 1000, "height": 900})
+        context = browser.new_context(**options)
+        contexts.append(context)
+        return Watched(context, context.new_page())
+
+    yield make
+    for context in contexts:
+        context.close()
+
+
+@pytest.fixture
+def watched(make_page):
+    return make_page()
+
+
+def open_page(watched, site, api_url, limits):
+    """Open the page pointed at the API with ?api=, and wait until it shows the server's limits."""
+    page = watched.page
+    page.goto(f"{site}/index.html?api={api_url}")
+    expect_limits_shown(page, limits)
+    return page
+
+
+def expect_limits_shown(page, limits):
+    expect(page.locator("#prefix-source")).to_have_text("allowed by the server")
+    expect(page.locator("#prefix-max")).to_have_text(str(limits["prefix_max_chars"]))
+
+
+def fill(page, prefix, **fields):
+    page.fill("#prefix", prefix)
+    for name, value in fields.items():
+        page.fill(f"#{name}", str(value))
+
+
+def wait_done(page, timeout=60_000):
+    expect(page.locator("#output")).to_have_attribute("aria-busy", "false", timeout=timeout)
+    expect(page.locator("#generate")).to_be_enabled()
+
+
+def shown(page):
+    """(prefix, generated) as the output area shows them."""
+    return (page.locator("#output .prefix").text_content(), page.locator("#output .generated").text_content())
+
+
+# Records every change of the generated text and of aria-busy / the button, as they happen.
+RECORDER = """() => {
+  const output = document.getElementById('output');
+  const generated = output.querySelector('.generated');
+  const button = document.getElementById('generate');
+  window.__texts = []; window.__busy = []; window.__disabled = [];
+  new MutationObserver(() => window.__texts.push(generated.textContent))
+    .observe(generated, {childList: true, characterData: true, subtree: true});
+  new MutationObserver(() => window.__busy.push(output.getAttribute('aria-busy')))
+    .observe(output, {attributes: true, attributeFilter: ['aria-busy']});
+  new MutationObserver(() => window.__disabled.push(button.disabled))
+    .observe(button, {attributes: true, attributeFilter: ['disabled']});
+}"""
+
+
+def fill_body(page, body):
+    fill(page, body["prefix"], **{k: body[k] for k in ("length", "temperature", "top_k", "top_p", "seed")})
+
+
+def test_generate_streams_text_cross_origin(watched, site, slow_api, limits, long_answer, out_dir):
+    body, answer = long_answer
+    page = open_page(watched, site, slow_api.url, limits)
+    page.screenshot(path=out_dir / "initial.png", full_page=True)
+    fill_body(page, body)
+    page.evaluate(RECORDER)
+    page.dblclick("#generate")                      # the second click must not send a second request
+    expect(page.locator("#output .generated")).not_to_have_text("")
+    expect(page.locator("#output")).to_have_attribute("aria-busy", "true")
+    page.screenshot(path=out_dir / "streaming.png", full_page=True)
+    wait_done(page)
+    page.screenshot(path=out_dir / "generated.png", full_page=True)
+
+    texts = [t for t in page.evaluate("window.__texts") if t]
+    assert len(set(texts)) > 1, f"the text arrived in one piece: {texts}"
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:])), "the text should only grow"
+    assert page.evaluate("window.__busy") == ["true", "false"]
+    assert page.evaluate("window.__disabled") == [True, False]
+    # The same request made directly, without streaming, gave the same text (same seed).
+    prefix, generated = shown(page)
+    assert prefix == body["prefix"]
+    assert prefix + generated == answer["text"]
+    expect(page.locator("#meta")).to_have_text(
+        re.compile(rf"{answer['tokens']} tokens in \d+\.\d\d s · reached the length asked for"))
+    assert watched.posts() == [slow_api.url + "/"]
+    # Cross-origin with a JSON body: the browser asked first (the app logs the preflight) and the
+    # answer allowed the page's origin.
+    assert '"requestMethod":"OPTIONS"' in slow_api.log_text(), "no CORS preflight reached the server"
+    [(_, _, status, headers)] = [r for r in watched.responses if r[0] == "POST"]
+    assert status == 200 and headers.get("access-control-allow-origin") == site
+    assert not watched.errors and not watched.dialogs
+
+
+def test_out_of_range_length_shows_the_servers_message_next_to_length(watched, site, api, limits, out_dir):
+    page = open_page(watched, site, api.url, limits)
+    too_long = limits["n_ctx"] + 1000
+    fill(page, "Hello", length=too_long)
+    page.click("#generate")
+    error = page.locator("#length-error")
+    expect(error).to_be_visible()
+    direct = httpx.post(api.url + "/", json={"prefix": "Hello", "length": too_long, "temperature": 0.7,
+                                             "top_k": 40, "top_p": 0, "stream": True}, timeout=30)
+    assert direct.status_code == 400 and direct.json()["parameter"] == "length"
+    expect(error).to_have_text(direct.json()["error"])
+    expect(page.locator("#length")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#length")).to_be_focused()
+    expect(page.locator("#form-error")).to_be_hidden()
+    assert shown(page) == ("", "")
+    page.screenshot(path=out_dir / "error-length.png", full_page=True)
+    # Editing the field clears its message.
+    page.fill("#length", "20")
+    expect(error).to_be_hidden()
+    assert not watched.errors
+
+
+def test_markup_in_the_prefix_shows_literally(watched, site, api, limits, out_dir):
+    page = open_page(watched, site, api.url, limits)
+    fill(page, XSS, length=20, seed=3)
+    page.click("#generate")
+    wait_done(page)
+    fill(page, XSS + " again", length=10, seed=4)    # the first result moves to the list below
+    page.click("#generate")
+    wait_done(page)
+    page.wait_for_timeout(300)                      # give a stray onerror the time to fire
+    page.screenshot(path=out_dir / "xss.png", full_page=True)
+    assert shown(page)[0] == XSS + " again"
+    expect(page.locator("#history .prefix")).to_have_text([XSS])
+    assert page.locator("img").count() == 0
+    assert "&lt;img src=x" in page.inner_html("#output .prefix")
+    assert watched.dialogs == [] and not watched.errors
+
+
+def test_stop_aborts_the_stream(watched, site, slow_api, limits, long_answer, out_dir):
+    body, answer = long_answer
+    page = open_page(watched, site, slow_api.url, limits)
+    fill_body(page, body)
+    page.click("#generate")
+    expect(page.locator("#output .generated")).not_to_have_text("")
+    page.click("#stop")
+    wait_done(page)
+    page.screenshot(path=out_dir / "stopped.png", full_page=True)
+    expect(page.locator("#meta")).to_contain_text("Stopped by you after")
+    expect(page.locator("#status")).to_have_text("Stopped.")
+    expect(page.locator("#stop")).to_be_disabled()
+    prefix, generated = shown(page)
+    assert prefix == body["prefix"]
+    full = answer["text"][len(body["prefix"]):]
+    assert generated and full.startswith(generated) and len(generated) < len(full), (generated, full)
+    # The server noticed the client leaving and stopped generating.
+    deadline = time.monotonic() + 10
+    while '"disconnected":true' not in slow_api.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert '"disconnected":true' in slow_api.log_text()
+    assert not watched.errors
+
+
+def test_busy_server_says_when_to_retry(make_page, site, slow_api, limits, long_answer, out_dir):
+    """While one visitor's answer streams, another visitor's request gets 429 and the page says so."""
+    body, _ = long_answer
+    first, second = make_page(), make_page()
+    for watched in (first, second):
+        open_page(watched, site, slow_api.url, limits)
+        fill_body(watched.page, body)
+    first.page.click("#generate")
+    expect(first.page.locator("#output .generated")).not_to_have_text("")
+    second.page.click("#generate")
+    wait_done(second.page)
+    first.page.click("#stop")
+    wait_done(first.page)
+    error = second.page.locator("#form-error")
+    expect(error).to_have_text(re.compile(r"The server is busy with another request\. Try again in \d+ seconds?\."))
+    second.page.screenshot(path=out_dir / "busy-429.png", full_page=True)
+    assert shown(second.page) == ("", ""), "nothing was generated for the refused request"
+    assert '"status":429' in slow_api.log_text()
+    assert not first.errors and not second.errors
+
+
+def test_served_by_the_app_at_ui(watched, api, limits, out_dir):
+    """Opened from the service itself, the page talks to its own origin without being told."""
+    page = watched.page
+    page.goto(api.url + "/ui/")
+    expect_limits_shown(page, limits)
+    expect(page.locator("#api-shown")).to_have_text("this site")
+    fill(page, "Same origin ", length=15, seed=2)
+    page.click("#generate")
+    wait_done(page)
+    expect(page.locator("#meta")).to_contain_text("tokens in")
+    assert watched.posts() == [api.url + "/"]
+    page.screenshot(path=out_dir / "same-origin.png", full_page=True)
+    assert not watched.errors
+
+
+def test_phone_width(make_page, site, api, limits, out_dir):
+    watched = make_page(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True,
+                        device_scale_factor=2)
+    page = open_page(watched, site, api.url, limits)
+    for seed in (1, 2):
+        fill(page, "On a small screen ", length=30, seed=seed)
+        page.click("#generate")
+        wait_done(page)
+    page.screenshot(path=out_dir / "phone.png", full_page=True)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375, "the page scrolls sideways"
+    for selector in ("#prefix", "#length", "#seed", "#generate", "#stop", "#output", "#history"):
+        box = page.locator(selector).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 375, selector
+    for selector in ("#generate", "#stop"):
+        assert page.locator(selector).bounding_box()["height"] >= 40, f"{selector} is too small to tap"
+
+
+def test_keyboard_alone(watched, site, api, limits, out_dir):
+    page = open_page(watched, site, api.url, limits)
+    order = []
+    for _ in range(9):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.id || document.activeElement.tagName"))
+    # Stop is disabled while idle, so it is skipped; the server settings come last.
+    assert order == ["prefix", "length", "temperature", "top_k", "top_p", "truncate", "seed",
+                     "generate", "SUMMARY"], order
+    page.focus("#prefix")
+    page.keyboard.type("Typed with keys ")
+    page.keyboard.press("Control+Enter")
+    wait_done(page)
+    assert shown(page)[0] == "Typed with keys " and shown(page)[1]
+    # Generate from the button with Enter: focus is on it, visibly, and comes back to it afterwards.
+    page.focus("#seed")
+    page.keyboard.press("Tab")
+    expect(page.locator("#generate")).to_be_focused()
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline != "none", "no visible focus on the button"
+    page.screenshot(path=out_dir / "keyboard-focus.png")
+    page.keyboard.press("Enter")
+    wait_done(page)
+    expect(page.locator("#generate")).to_be_focused()
+    assert len(watched.posts()) == 2, watched.posts()
+    assert not watched.errors
+
+
+def test_history_copy_and_clear(make_page, site, api, limits, out_dir):
+    watched = make_page()
+    watched.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=site)
+    page = open_page(watched, site, api.url, limits)
+    for word in ("one ", "two ", "three "):
+        fill(page, word, length=12, seed=5)
+        page.click("#generate")
+        wait_done(page)
+    expect(page.locator("#history .prefix")).to_have_text(["two ", "one "])   # newest first
+    page.screenshot(path=out_dir / "history.png", full_page=True)
+    newest = page.locator("#history li").first
+    expected = newest.locator(".text").text_content()
+    newest.locator("button.copy").click()
+    expect(newest.locator("button.copy")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == expected
+    page.click("#clear")
+    expect(page.locator("#history li")).to_have_count(0)
+    expect(page.locator("#history-section")).to_be_hidden()
+    expect(page.locator("#generate")).to_be_focused()
+    assert shown(page)[0] == "three ", "Clear leaves the latest result alone"
+    assert not watched.errors
+
+
+def test_api_url_is_remembered_and_network_failure_is_said(watched, site, api, limits, out_dir):
+    page = open_page(watched, site, api.url, limits)
+    assert page.evaluate("localStorage.getItem('gpt2-run.api')") == api.url
+    # Without ?api= the remembered address is used.
+    page.goto(f"{site}/index.html")
+    expect_limits_shown(page, limits)
+    expect(page.locator("#api-shown")).to_have_text(api.url)
+    # Point the field at a port where nothing listens: generating says the server can't be reached.
+    dead = f"http://127.0.0.1:{free_port()}"
+    page.click("#server summary")
+    page.fill("#api", dead)
+    page.press("#api", "Enter")
+    expect(page.locator("#api-error")).to_contain_text("Could not reach")
+    assert page.evaluate("localStorage.getItem('gpt2-run.api')") == dead
+    fill(page, "Anyone there? ", length=10)
+    page.click("#generate")
+    expect(page.locator("#form-error")).to_contain_text("Could not reach the server")
+    wait_done(page)
+    page.screenshot(path=out_dir / "network-error.png", full_page=True)
+    # Something that is not an http(s) URL is refused next to the field.
+    page.fill("#api", "ftp://example")
+    page.press("#api", "Enter")
+    expect(page.locator("#api-error")).to_contain_text("https://")
+    assert page.evaluate("localStorage.getItem('gpt2-run.api')") == dead
+    assert not watched.errors
