@@ -434,7 +434,7 @@ def test_keyboard_alone(watched, site, api, limits, out_dir):
 
 
 def test_history_copy_and_clear(make_page, site, api, limits, out_dir):
-    watched = make_page()
+    watched = make_page(color_scheme="dark")        # and a look at the dark colours
     watched.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=site)
     page = open_page(watched, site, api.url, limits)
     for word in ("one ", "two ", "three "):
@@ -442,7 +442,7 @@ def test_history_copy_and_clear(make_page, site, api, limits, out_dir):
         page.click("#generate")
         wait_done(page)
     expect(page.locator("#history .prefix")).to_have_text(["two ", "one "])   # newest first
-    page.screenshot(path=out_dir / "history.png", full_page=True)
+    page.screenshot(path=out_dir / "history-dark.png", full_page=True)
     newest = page.locator("#history li").first
     expected = newest.locator(".text").text_content()
     newest.locator("button.copy").click()
