@@ -27,8 +27,10 @@ def main():
     except ModelError as e:
         logs.log(logging.ERROR, f"cannot serve {MODEL_DIR}: {e}")
         sys.exit(1)
-    # uvicorn re-raises the signal that stopped it once it has shut down; exit 0 on it instead.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # uvicorn re-raises the signal that stopped it once it has shut down; exit 0 on it instead
+    # (of dying by SIGTERM, or a KeyboardInterrupt traceback for Ctrl+C).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
     config = uvicorn.Config(app, host=os.environ.get("HOST", "0.0.0.0"), port=int(port), log_config=logs.LOG_CONFIG,
                             access_log=False, server_header=False, timeout_graceful_shutdown=9)
     uvicorn.Server(config).run()

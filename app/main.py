@@ -157,6 +157,15 @@ def prompt_for(model, values):
     return prompt
 
 
+async def client_left(request):
+    try:
+        if request.method == "GET":
+            await request.body()  # take the empty body, so that the next receive reports a disconnect
+        return await request.is_disconnected()
+    except ClientDisconnect:
+        return True
+
+
 # ---------------------------------------------------------------- routes
 
 
@@ -187,9 +196,7 @@ async def generate(request):
     if values["stream"]:
         return GenerationStream(generation, state.gate, fields)
     try:
-        if request.method == "GET":
-            await request.body()  # take the empty body, so that the next receive reports a disconnect
-        if await request.is_disconnected():  # gave up while waiting in the queue
+        if await client_left(request):  # gave up while waiting in the queue
             fields["disconnected"] = True
             return Response(status_code=499)
         result = await run_in_threadpool(generation.run)

@@ -39,11 +39,12 @@ class Tokenizer:
         self._tok = HFTokenizer(models.BPE(vocab=encoder, merges=merges))
         self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
-        byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+        # Each piece's characters stand for bytes: map them back to chars 0-255, then to bytes.
+        to_bytes = {ord(c): b for b, c in bytes_to_unicode().items()}
         self.n_vocab = max(encoder.values()) + 1
         self.token_bytes = [b""] * self.n_vocab
         for piece, i in encoder.items():
-            self.token_bytes[i] = bytes(byte_decoder[c] for c in piece)
+            self.token_bytes[i] = piece.translate(to_bytes).encode("latin-1")
         self.end_token = encoder.get(END_OF_TEXT)
 
     def encode(self, text):
