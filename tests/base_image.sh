@@ -8,7 +8,8 @@
 # system. Test scaffolding only: the project's Dockerfile builds on it unchanged.
 # Podman's configuration comes from the caller's CONTAINERS_CONF / CONTAINERS_STORAGE_CONF.
 # Environment: DEBIAN_MIRROR (default: the host's Debian mirror), DEBOOTSTRAP_CACHE (.deb cache dir),
-# PYTHON (whose pip config to copy, default python3), SSL_CERT_FILE (the host's CA bundle).
+# PYTHON (whose pip config to copy, default python3), SSL_CERT_FILE (the host's CA bundle),
+# STANDIN_KEY (kept as the label gpt2-run.standin-key: the test rebuilds when its key changes).
 set -euo pipefail
 
 image=${1:-docker.io/library/python:3.11-slim}
@@ -62,6 +63,7 @@ tar -C "$rootfs" -c . | podman import \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' \
     --change 'LABEL org.opencontainers.image.description=gpt2-run-test-standin-for-python-3.11-slim' \
+    --change "LABEL gpt2-run.standin-key=${STANDIN_KEY:-none}" \
     --change 'CMD ["python3"]' \
     - "$image" >&2
 echo "$image"
