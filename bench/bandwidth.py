@@ -5,6 +5,8 @@ only one row), so tokens/s can not exceed bandwidth / bytes of weights read per 
 cache adds 2 * n_layer * position * n_embd * 4 bytes per token, left out here (7% at position 500
 for the 124M shape), which makes the ceiling slightly generous.
 """
+import json
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,18 +14,31 @@ import numpy as np
 
 
 def read_bandwidth(threads, megabytes=512, repeats=5):
-    """Bytes/s of a numpy sum over an array far larger than any cache, split over `threads`
-    threads (numpy releases the GIL in the reduction). Median of `repeats` passes."""
-    array = np.ones(megabytes * 1024 * 1024 // 4, dtype=np.float32)
-    parts = np.array_split(array, threads)
-    seconds = []
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(np.sum, parts))  # fault the pages in once
+    """Bytes/s read from an array far larger than any cache, median of `repeats` passes, two ways:
+    a numpy sum split over `threads` threads (numpy releases the GIL in the reduction), and a BLAS
+    matrix-vector product (the kernel the engine's layers are made of; its threads come from
+    OMP/OPENBLAS_NUM_THREADS, so run this in a process started with those set: see main())."""
+    matrix = np.ones((megabytes * 1024 * 1024 // 4 // 768, 768), dtype=np.float32)
+    flat, vector = matrix.reshape(-1), np.ones(768, dtype=np.float32)
+    parts = np.array_split(flat, threads)
+
+    def median_rate(read):
+        read()  # fault the pages in once
+        seconds = []
         for _ in range(repeats):
             start = time.perf_counter()
-            list(pool.map(np.sum, parts))
+            read()
             seconds.append(time.perf_counter() - start)
-    return array.nbytes / float(np.median(seconds))
+        return matrix.nbytes / float(np.median(seconds))
+
+    with ThreadPoolExecutor(threads) as pool:
+        numpy_sum = median_rate(lambda: list(pool.map(np.sum, parts)))
+    return {"numpy_sum": numpy_sum, "blas_gemv": median_rate(lambda: matrix @ vector)}
+
+
+def main():
+    """python bench/bandwidth.py THREADS: print read_bandwidth(THREADS) as JSON."""
+    print(json.dumps(read_bandwidth(int(sys.argv[1]))))
 
 
 def weight_bytes_per_token(manifest):
@@ -35,3 +50,7 @@ def weight_bytes_per_token(manifest):
             size //= info["shape"][0]  # one position row
         total += size
     return total
+
+
+if __name__ == "__main__":
+    main()

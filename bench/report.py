@@ -31,7 +31,8 @@ def summarize(results):
             "early_stop_seconds": median([e["seconds"] for e in c["early_stop"]]),
         }
     per_token = results["model"]["weight_bytes_per_token"]
-    ceiling = {t: bw / per_token for t, bw in results["bandwidth_bytes_per_s"].items()}
+    # the faster of the two reads is the better estimate of what the memory system delivers
+    ceiling = {t: max(bw.values()) / per_token for t, bw in results["bandwidth_bytes_per_s"].items()}
     summary["ceiling_tokens_per_s"] = ceiling
     ours, base = summary["ours"], summary["baseline"]
     summary["ours_fraction_of_ceiling"] = {t: {n: v / ceiling[t] for n, v in w.items()}
@@ -121,9 +122,10 @@ def table(results):
     for threads, bw in results["bandwidth_bytes_per_s"].items():
         ceiling = s["ceiling_tokens_per_s"][threads]
         fraction = s["ours_fraction_of_ceiling"][threads].get("100")
-        lines.append(f"| ceiling, {threads} thread{'s' if threads != '1' else ''}: {bw / 1e9:.1f} GB/s read / "
-                     f"{per_token / 1e6:.1f} MB of weights per token (tokens/s) | | {fmt(ceiling, 1)} "
-                     f"| ours at 100 tokens: {fraction:.0%} of it | |")
+        lines.append(f"| tokens/s ceiling, {threads} thread{'s' if threads != '1' else ''}: memory read "
+                     f"{max(bw.values()) / 1e9:.1f} GB/s (numpy sum {bw['numpy_sum'] / 1e9:.1f}, BLAS gemv "
+                     f"{bw['blas_gemv'] / 1e9:.1f}) / {per_token / 1e6:.1f} MB of weights per token "
+                     f"| {fmt(ceiling, 1)} | {fmt(ceiling, 1)} | ours at 100 tokens: {fraction:.0%} of it | |")
     return "\n".join(lines)
 
 

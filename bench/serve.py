@@ -48,7 +48,7 @@ def settings_for(quick):
         return {"lengths": [20, 100, 500], "repeats": 2, "cold_repeats": 1, "growth_requests": 20,
                 "baseline_growth_seconds": 8, "early_stop_length": 200, "early_stop_seeds": [1, 2, 3]}
     return {"lengths": [20, 100, 500], "repeats": 3, "cold_repeats": 3, "growth_requests": 200,
-            "baseline_growth_seconds": 60, "early_stop_length": 300, "early_stop_seeds": [1, 2, 3, 4, 5]}
+            "baseline_growth_seconds": 45, "early_stop_length": 300, "early_stop_seeds": [1, 2, 3, 4, 5]}
 
 
 def thread_env(threads):
@@ -119,6 +119,15 @@ def run(cmd, what, log_path):
         code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=thread_env(2))
     if code:
         raise BenchError(f"{what} failed (exit {code}); see {log_path}")
+
+
+def measure_bandwidth(threads):
+    """bench/bandwidth.py in a process with the thread settings of the contenders."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bandwidth.py"), str(threads)], cwd=ROOT,
+                          capture_output=True, text=True, env=thread_env(threads))
+    if proc.returncode:
+        raise BenchError(f"measuring memory bandwidth failed: {proc.stderr.strip()[-300:]}")
+    return json.loads(proc.stdout)
 
 
 # ----------------------------------------------------------------------------- baseline
@@ -360,7 +369,7 @@ def main():
             progress.update()
             progress.set_description("memory bandwidth")
             manifest = json.loads((model / "weights" / "manifest.json").read_text())
-            bw = {str(t): bandwidth.read_bandwidth(t) for t in (1, 2)}
+            bw = {str(t): measure_bandwidth(t) for t in (1, 2)}
             progress.update()
             baseline = bench_baseline(model, early_model, s, logs, progress)
             ours = bench_ours(model, early_model, s, logs, progress)
@@ -374,7 +383,7 @@ def main():
                   "weight_bytes_per_token": bandwidth.weight_bytes_per_token(manifest)},
         "early_stop_model": {"run_dir": str(early_model),
                              "hparams": json.loads((early_model / "hparams.json").read_text())},
-        "bandwidth_bytes_per_s": bw,
+        "bandwidth_bytes_per_s": bw,  # per thread count: {"numpy_sum": .., "blas_gemv": ..}
         "contenders": {"baseline": baseline, "ours": ours},
     }
     results["summary"] = report.summarize(results)

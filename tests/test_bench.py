@@ -71,7 +71,7 @@ def test_early_stop_and_ceiling(quick):
     assert ours and all(1 <= e["tokens_computed"] <= length for e in ours)
     assert any(e["stop_reason"] != "length" and e["tokens_computed"] < length for e in ours)
     summary = results["summary"]
-    assert all(bw > 1e8 for bw in results["bandwidth_bytes_per_s"].values())
+    assert all(rate > 1e8 for bw in results["bandwidth_bytes_per_s"].values() for rate in bw.values())
     assert all(c > 0 for c in summary["ceiling_tokens_per_s"].values())
     assert set(summary["targets"]) == {"tokens_per_s_1_thread_100", "speedup_1_thread_100", "cold_start_s",
                                        "peak_rss_mb", "growth_mb_200_requests"}
