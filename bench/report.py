@@ -35,8 +35,9 @@ def summarize(results):
     ceiling = {t: max(bw.values()) / per_token for t, bw in results["bandwidth_bytes_per_s"].items()}
     summary["ceiling_tokens_per_s"] = ceiling
     ours, base = summary["ours"], summary["baseline"]
-    summary["ours_fraction_of_ceiling"] = {t: {n: v / ceiling[t] for n, v in w.items()}
-                                           for t, w in ours["tokens_per_s"].items()}
+    for name in ("ours", "baseline"):
+        summary[f"{name}_fraction_of_ceiling"] = {t: {n: v / ceiling[t] for n, v in w.items()}
+                                                  for t, w in summary[name]["tokens_per_s"].items()}
     speed = ours["tokens_per_s"]["1"].get("100")
     summary["targets"] = {
         "tokens_per_s_1_thread_100": {"value": speed, "target": f">= {TARGETS['tokens_per_s']}",
@@ -121,11 +122,13 @@ def table(results):
     per_token = results["model"]["weight_bytes_per_token"]
     for threads, bw in results["bandwidth_bytes_per_s"].items():
         ceiling = s["ceiling_tokens_per_s"][threads]
-        fraction = s["ours_fraction_of_ceiling"][threads].get("100")
+        fraction = s["ours_fraction_of_ceiling"][threads]["100"]
+        base_fraction = s["baseline_fraction_of_ceiling"][threads]["100"]
         lines.append(f"| tokens/s ceiling, {threads} thread{'s' if threads != '1' else ''}: memory read "
                      f"{max(bw.values()) / 1e9:.1f} GB/s (numpy sum {bw['numpy_sum'] / 1e9:.1f}, BLAS gemv "
                      f"{bw['blas_gemv'] / 1e9:.1f}) / {per_token / 1e6:.1f} MB of weights per token "
-                     f"| {fmt(ceiling, 1)} | {fmt(ceiling, 1)} | ours at 100 tokens: {fraction:.0%} of it | |")
+                     f"| {fmt(ceiling, 1)} | {fmt(ceiling, 1)} | at 100 tokens, ours: {fraction:.0%} of it, "
+                     f"gpt-2-simple: {base_fraction:.0%} | |")
     return "\n".join(lines)
 
 
