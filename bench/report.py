@@ -181,7 +181,8 @@ def chart(results, path):
         mem = results["contenders"][name]["memory"]
         requests = [0] + [g["request"] for g in mem["growth"]]
         rss = [mem["growth_start_mb"]] + [g["rss_mb"] for g in mem["growth"]]
-        ax.plot(requests, rss, label=f"{NAMES[name]} (peak {mem['peak_mb']:,.0f} MB)", color=colors[name])
+        ax.plot(requests, rss, label=f"{NAMES[name]} (peak {mem['peak_mb']:,.0f} MB)", color=colors[name],
+                marker="o" if len(requests) < 30 else None, markersize=3)
     ax.axhline(700, color="green", linestyle=":", label="target peak 700 MB")
     ax.set_xlabel("20-token requests after warm-up")
     ax.set_ylabel("RSS (MB)")
