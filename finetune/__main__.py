@@ -39,6 +39,13 @@ def non_negative_int(text):
     return value
 
 
+def seed_number(text):
+    value = int(text)
+    if not 0 <= value < 2**32:  # what NumPy's and gpt-2-simple's seeding accept
+        raise ValueError
+    return value
+
+
 def positive_float(text):
     value = float(text)
     if not value > 0 or value == float("inf"):
@@ -55,6 +62,7 @@ def gs_url(text):
 # argparse names the type function in its error message; these names read well there.
 positive_int.__name__ = "positive integer"
 non_negative_int.__name__ = "non-negative integer"
+seed_number.__name__ = "seed (0 to 4294967295)"
 positive_float.__name__ = "positive number"
 gs_url.__name__ = "gs://bucket/prefix URL"
 
@@ -81,7 +89,7 @@ def build_parser():
     p.add_argument("--max-checkpoints", type=positive_int, default=1, help="checkpoints kept")
     p.add_argument("--restore-from", default="latest",
                    help="latest: continue RUN's checkpoint if any; fresh: start again from the base model")
-    p.add_argument("--seed", type=int, default=None, help="seed for weights, windows and samples")
+    p.add_argument("--seed", type=seed_number, default=None, help="seed for weights, windows and samples")
     p.add_argument("--model-dir", default="models", help="where GPT-2 releases are kept")
     p.add_argument("--model-url", default=os.environ.get(MODEL_URL_ENV) or DEFAULT_MODEL_URL,
                    help=f"base URL of the releases (files at URL/MODEL/FILE); env {MODEL_URL_ENV}")
@@ -137,8 +145,8 @@ def check_dataset(path):
         os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
     if not any(os.path.getsize(f) for f in files):
         raise UsageError(f"dataset {path} is empty")
-    if len(files) == 1 and not path.endswith(".npz") and os.path.getsize(path) < (1 << 20):
-        with open(path, encoding="utf-8", errors="ignore") as f:
+    if len(files) == 1 and not files[0].endswith(".npz") and os.path.getsize(files[0]) < (1 << 20):
+        with open(files[0], encoding="utf-8", errors="ignore") as f:
             if not f.read().strip():
                 raise UsageError(f"dataset {path} is empty (only whitespace)")
 

@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+import zipfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -144,7 +145,11 @@ class Trainer:
         # gpt-2-simple trains on 1024-token windows; a smaller model gets windows of its n_ctx.
         self.window = min(1024, self.hparams.n_ctx)
         print(f"Loading dataset {args.dataset}")
-        chunks = load_dataset(self.enc, args.dataset, combine=50000)
+        try:
+            chunks = load_dataset(self.enc, args.dataset, combine=50000)
+        except (ValueError, zipfile.BadZipFile) as e:  # a .npz that is not one
+            raise UsageError(f"dataset {args.dataset} cannot be read: {first_line(e)}") from None
+        check_token_ids(chunks, self.hparams.n_vocab, args.dataset)
         total = sum(len(c) for c in chunks)
         if not chunks or self.window >= total // len(chunks):
             raise UsageError(
@@ -299,6 +304,16 @@ class Trainer:
         os.makedirs(folder, exist_ok=True)
         atomic_write_text(os.path.join(folder, f"samples-{step}"), "\n".join(texts))
         tqdm.write(texts[0][:500])
+
+
+def check_token_ids(chunks, n_vocab, path):
+    """A .npz holds token ids from whatever encoder made it; ids outside this model's vocabulary
+    would stop TensorFlow with a traceback at the first step."""
+    for chunk in chunks:
+        if chunk.ndim != 1 or not np.issubdtype(chunk.dtype, np.integer) or (
+                chunk.size and not 0 <= chunk.min() <= chunk.max() < n_vocab):
+            raise UsageError(f"dataset {path} does not hold token ids of this model's vocabulary "
+                             f"(0 to {n_vocab - 1}): encode it with this run's encoder.json")
 
 
 def first_line(error):

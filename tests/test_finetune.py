@@ -218,6 +218,8 @@ BAD_INPUTS = [
      "error: --restore-from must be 'latest' or 'fresh', not 'newest'"),
     (["--dataset", "{tmp}/corpus.txt", "--learning-rate", "-1"],
      "error: argument --learning-rate: invalid positive number value: '-1' (see python -m finetune --help)"),
+    (["--dataset", "{tmp}/corpus.txt", "--seed", "-1"],
+     "error: argument --seed: invalid seed (0 to 4294967295) value: '-1' (see python -m finetune --help)"),
     (["--dataset", "{tmp}/corpus.txt", "--upload", "s3://bucket/x"],
      "error: argument --upload: invalid gs://bucket/prefix URL value: 's3://bucket/x' "
      "(see python -m finetune --help)"),
@@ -242,6 +244,37 @@ def test_bad_input(tmp_path, args, message):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [message.format(tmp=tmp_path)]
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "models").exists()
+
+
+def test_a_dataset_folder_with_one_file_is_accepted(tmp_path):
+    from finetune import UsageError
+    from finetune.__main__ import check_dataset
+
+    (tmp_path / "texts").mkdir()
+    write_corpus(tmp_path / "texts" / "corpus.txt")
+    check_dataset(str(tmp_path / "texts"))  # read as the folder's file, not as a file itself
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "only.txt").write_text(" \n")
+    with pytest.raises(UsageError, match="only whitespace"):
+        check_dataset(str(tmp_path / "blank"))
+
+
+@pytest.mark.parametrize("kind", ["not a zip", "other vocabulary"])
+def test_a_bad_npz_dataset_is_one_line(tiny_run, tmp_path, kind):
+    shutil.copytree(tiny_run, tmp_path / "run1")
+    before = tree_digest(tmp_path / "run1")
+    dataset = tmp_path / "tokens.npz"
+    if kind == "not a zip":
+        dataset.write_text("not an archive")
+        expected = f"error: dataset {dataset} cannot be read: "
+    else:  # ids from a bigger vocabulary than the run's
+        np.savez(dataset, np.arange(5000, 9000, dtype=np.int32))
+        expected = f"error: dataset {dataset} does not hold token ids of this model's vocabulary"
+    result = run_finetune("--dataset", dataset, "--checkpoint-dir", tmp_path, "--steps", "1",
+                          "--accumulate-gradients", "1", "--sample-every", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(expected)
+    assert tree_digest(tmp_path / "run1") == before
 
 
 # -- python -m finetune.export --------------------------------------------------------------------
