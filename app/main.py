@@ -123,9 +123,7 @@ async def json_params(request):
                              status=413)
     if not body.strip():
         return {}  # a bare POST: every parameter at its default
-    media_type, _, options = request.headers.get("content-type", "").partition(";")
-    charset = options.strip().lower().removeprefix("charset=").strip('"') if "charset" in options.lower() else "utf-8"
-    if media_type.strip().lower() != "application/json" or charset not in ("utf-8", "utf8"):
+    if not is_utf8_json(request.headers.get("content-type", "")):
         raise ParamError("POST / takes a JSON object with Content-Type: application/json (UTF-8)", status=415)
     try:
         data = ujson.loads(bytes(body).decode("utf-8"))
@@ -136,6 +134,14 @@ async def json_params(request):
     if not isinstance(data, dict):
         raise ParamError('the body must be a JSON object, e.g. {"length": 50, "temperature": 0.7}')
     return data
+
+
+def is_utf8_json(content_type):
+    """application/json, with no charset or a UTF-8 one (other parameters allowed)."""
+    media_type, *options = content_type.lower().split(";")
+    charsets = [value.strip().strip('"') for name, _, value in (o.partition("=") for o in options)
+                if name.strip() == "charset"]
+    return media_type.strip() == "application/json" and all(c in ("utf-8", "utf8") for c in charsets)
 
 
 def prompt_for(model, values):

@@ -168,6 +168,11 @@ def test_post_json_matches_get(server):
     assert got["text"].startswith("<|startoftext|>my dog")
     # A bare POST (no body) uses every default.
     assert httpx.post(server.url + "/", timeout=30).status_code == 200
+    # Content-Type parameters besides a UTF-8 charset are fine.
+    for content_type in ("application/json; charset=UTF-8", 'Application/JSON; charset="utf-8"; x=y'):
+        r = httpx.post(server.url + "/", content=json.dumps(params), headers={"Content-Type": content_type},
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["text"] == got["text"], (content_type, r.text)
 
 
 def test_seed_temperature_top_k_top_p(server):

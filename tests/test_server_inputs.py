@@ -54,6 +54,8 @@ CASES = [
      "application/json"),
     ("content-type-form", "POST", "", b"length=5", {"Content-Type": "application/x-www-form-urlencoded"}, 415,
      None, "application/json"),
+    ("charset-latin1-among-others", "POST", "", b'{"length": 5}',
+     {"Content-Type": "application/json; x=y; charset=iso-8859-1"}, 415, None, "UTF-8"),
     ("content-type-missing", "POST", "", b'{"length": 5}', {}, 415, None, "application/json"),
     ("charset-latin1", "POST", "", b'{"length": 5}', {"Content-Type": "application/json; charset=latin-1"}, 415,
      None, "UTF-8"),
