@@ -19,8 +19,8 @@ from app.main import MODEL_DIR, app
 def main():
     logging.config.dictConfig(logs.LOG_CONFIG)
     port = os.environ.get("PORT", "8080")
-    if not port.isdigit():
-        logs.log(logging.ERROR, f"PORT must be a number, got {port!r}")
+    if not (port.isdigit() and 0 < int(port) < 65536):  # uvicorn would quietly take 99999 as 34463
+        logs.log(logging.ERROR, f"PORT must be a number from 1 to 65535, got {port!r}")
         sys.exit(1)
     try:
         app.state.model = GPT2(MODEL_DIR)

@@ -303,6 +303,7 @@ def test_uvicorn_entry_point_and_default_origins(tiny_run, free_port, tmp_path):
     ("stale_export", "python -m finetune.export"),
     ("corrupt_weights", "python -m finetune.export"),
     ("corrupt_hparams", "hparams.json"),
+    ("port_out_of_range", "PORT must be a number from 1 to 65535"),
 ])
 def test_refuses_to_start_without_a_good_model(tiny_run, tmp_path, free_port, damage, message):
     run_dir = tmp_path / "run1"
@@ -320,6 +321,8 @@ def test_refuses_to_start_without_a_good_model(tiny_run, tmp_path, free_port, da
         (run_dir / "hparams.json").write_text("{not json")
     port = free_port()
     env = {**os.environ, "MODEL_DIR": str(run_dir), "PORT": str(port), "HOST": "127.0.0.1"}
+    if damage == "port_out_of_range":
+        env["PORT"] = "99999"
     result = subprocess.run([sys.executable, "-c", BLOCK_TF_AND_RUN], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 1
