@@ -131,6 +131,10 @@ class GPT2:
                 int(hp[k]) for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"))
         except (ValueError, KeyError, TypeError) as e:
             raise ModelError(f"{run_dir / 'hparams.json'} is corrupt ({e!r})") from None
+        # n_head is the one hparam no weight's shape shows: a wrong one would fail every request.
+        if self.n_head < 1 or self.n_embd % self.n_head:
+            raise ModelError(f"{run_dir / 'hparams.json'} is corrupt: n_embd {self.n_embd} is not a multiple "
+                             f"of n_head {self.n_head}")
         self.hparams = hp
         self.manifest = check_export(run_dir, hp)
         w = load_weights(run_dir, hp)

@@ -182,3 +182,13 @@ def test_refuses_missing_or_stale_export(tiny_run, tmp_path):
     shutil.rmtree(run_dir / "weights")
     with pytest.raises(ModelError, match="python -m finetune.export"):
         GPT2(run_dir)
+
+
+def test_refuses_hparams_that_no_weight_shape_checks(tiny_run, tmp_path):
+    run_dir = tmp_path / "run1"
+    shutil.copytree(tiny_run, run_dir)
+    hparams = json.loads((run_dir / "hparams.json").read_text())
+    for n_head in (3, 0):
+        (run_dir / "hparams.json").write_text(json.dumps({**hparams, "n_head": n_head}))
+        with pytest.raises(ModelError, match=f"not a multiple of n_head {n_head}"):
+            GPT2(run_dir)
