@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from app.engine import GPT2, Generation, ModelError, filter_logits
+from app.engine import GPT2, Generation, ModelError, SampleText, filter_logits
 from app.tokenizer import Tokenizer
 
 TEXTS = [
@@ -146,6 +146,21 @@ def test_length_stop(model):
     generation, pieces = run(model, "<|startoftext|>my dog", length=3, seed=1)
     assert generation.result["tokens"] == 3 and generation.result["stop_reason"] == "length"
     assert "".join(pieces) == generation.result["text"]
+
+
+def test_streamed_pieces_never_split_a_character(model):
+    text = "a 🎉 中文 é b"
+    ids = model.tokenizer.encode(text)
+    assert len(ids) > len(text)  # characters span several byte tokens in this vocabulary
+    sample = SampleText(model.tokenizer, "", include_prefix=True, truncate=None)
+    pieces = []
+    for token_id in ids:
+        sample.add(token_id)
+        pieces.append(sample.new_piece())
+    sample.finish()
+    pieces.append(sample.new_piece())
+    assert "".join(pieces) == sample.text() == text
+    assert not any("\ufffd" in piece for piece in pieces), pieces
 
 
 def test_filter_logits_top_k_and_top_p():
