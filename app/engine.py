@@ -250,20 +250,19 @@ class SampleText:
         self.ids.append(token_id)
         if token_id == self.end_token:
             self.stop_reason = "end_token"
-            return
-        start = max(0, len(self.generated) - max(map(len, self.markers)) + 1)
-        self.generated += self.decoder.add(token_id)
-        self._cut_at_markers(start)
+        else:
+            self._append(self.decoder.add(token_id))
 
     def finish(self):
         if self.stop_reason is None:
-            start = max(0, len(self.generated) - max(map(len, self.markers)) + 1)
-            self.generated += self.decoder.flush()
-            self._cut_at_markers(start)
+            self._append(self.decoder.flush())
         if self.stop_reason is None:
             self.stop_reason = "length"
 
-    def _cut_at_markers(self, start):
+    def _append(self, text):
+        """Add decoded text; cut at the first stop marker that ends in it."""
+        start = max(0, len(self.generated) - max(map(len, self.markers)) + 1)
+        self.generated += text
         hits = [(i, m) for m in self.markers if (i := self.generated.find(m, start)) >= 0]
         if hits:
             i, m = min(hits, key=lambda hit: (hit[0], hit[1] != self.truncate))
