@@ -133,6 +133,22 @@ def slow_server(slow_run, tmp_path_factory):
         yield s
 
 
+def client_ports(server):
+    """The client ports of the connections the server process holds open."""
+    port = int(server.url.rsplit(":", 1)[1])
+    return {c.raddr.port for c in psutil.Process(server.proc.pid).net_connections("tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port}
+
+
+def wait_for_new_client(server, before, timeout=30):
+    """Until the server holds a connection that is not in `before`: a request sent meanwhile reached it
+    (sleeping a fixed time instead is not enough on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while not client_ports(server) - before:
+        assert time.monotonic() < deadline, "the request never reached the server"
+        time.sleep(0.02)
+
+
 def read_sse(response):
     """Server-Sent Events as a browser reads them: (event name, data) per blank-line-ended block."""
     events, name, data = [], "message", []
@@ -336,8 +352,10 @@ def test_refuses_to_start_without_a_good_model(tiny_run, tmp_path, free_port, da
 
 def test_head_stays_responsive_during_a_generation(slow_server):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        before = client_ports(slow_server)
         long = pool.submit(httpx.get, slow_server.url + "/", params={"length": 400, "seed": 1}, timeout=60)
-        time.sleep(0.3)
+        wait_for_new_client(slow_server, before)
+        time.sleep(0.1)  # into the generation
         started = time.perf_counter()
         assert httpx.head(slow_server.url + "/").status_code == 200
         assert httpx.get(slow_server.url + "/limits").status_code == 200
@@ -402,8 +420,10 @@ def test_sigterm_finishes_the_request_in_flight(slow_run, free_port, tmp_path):
             results["response"] = httpx.get(server.url + "/", params={"length": 300, "seed": 1}, timeout=60)
 
         thread = threading.Thread(target=ask)
+        before = client_ports(server)
         thread.start()
-        time.sleep(0.4)
+        wait_for_new_client(server, before)
+        time.sleep(0.2)  # into the generation (300 tokens take over a second)
         assert thread.is_alive()
         server.proc.send_signal(signal.SIGTERM)
         thread.join(timeout=30)
