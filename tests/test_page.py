@@ -290,6 +290,11 @@ def test_generate_streams_text_cross_origin(watched, site, slow_api, limits, lon
 
 def test_out_of_range_length_shows_the_servers_message_next_to_length(watched, site, api, limits, out_dir):
     page = open_page(watched, site, api.url, limits)
+    # The server's ranges are shown by the fields they limit.
+    length = limits["length"]
+    expect(page.locator("#length-hint")).to_have_text(f"{length['min']}–{length['max']} · tokens to generate")
+    expect(page.locator("#temperature-hint")).to_have_text(
+        f"over {limits['temperature']['min_exclusive']:g}, up to {limits['temperature']['max']:g} · higher is wilder")
     too_long = limits["n_ctx"] + 1000
     fill(page, "Hello", length=too_long)
     page.click("#generate")
