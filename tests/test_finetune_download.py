@@ -23,7 +23,7 @@ class ModelServer(http.server.ThreadingHTTPServer):
         self.root = root
         self.break_once = set(break_once)
         self.requests = Counter()
-        super().__init__(("127.0.0.1", find_free_port()), ModelHandler)
+        super().__init__(("127.0.0.1", 0), ModelHandler)
 
 
 class ModelHandler(http.server.BaseHTTPRequestHandler):
