@@ -5,10 +5,8 @@ another, so every call the page makes is cross-origin and the app's CORS handlin
 Screenshots of each state go to tests/out/page/.
 """
 import contextlib
-import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,11 +14,11 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from conftest import find_free_port as free_port
+from test_server import write_random_run
 
 pytestmark = pytest.mark.slow
 
@@ -109,41 +107,13 @@ def api(tiny_run, site, out_dir):
         yield api
 
 
-def widen(run, dest, n_layer=8, n_embd=512, n_head=8, seed=0):
-    """A copy of RUN with random weights of a wider shape in its export (tokenizer and checkpoint
-    files kept, so the export still matches them). Random weights rarely pick the end token and a
-    wider model takes milliseconds a token, so its answers stream for seconds, long enough to press
-    Stop or to find the server busy; the trained tiny model writes a whole answer in ~30 ms."""
-    dest.mkdir(parents=True)
-    for name in ("checkpoint", "encoder.json", "vocab.bpe"):
-        shutil.copy(run / name, dest / name)
-    manifest = json.loads((run / "weights" / "manifest.json").read_text())
-    shutil.copy(run / f"{manifest['checkpoint']}.index", dest / f"{manifest['checkpoint']}.index")
-    hparams = dict(manifest["hparams"], n_layer=n_layer, n_embd=n_embd, n_head=n_head)
-    (dest / "hparams.json").write_text(json.dumps(hparams))
-    c, rng, tensors = n_embd, np.random.default_rng(seed), {}
-    shapes = {"wte": [hparams["n_vocab"], c], "wpe": [hparams["n_ctx"], c], "ln_f/g": [c], "ln_f/b": [c]}
-    for i in range(n_layer):
-        shapes.update({f"h{i}/ln_1/g": [c], f"h{i}/ln_1/b": [c], f"h{i}/ln_2/g": [c], f"h{i}/ln_2/b": [c],
-                       f"h{i}/attn/c_attn/w": [1, c, 3 * c], f"h{i}/attn/c_attn/b": [3 * c],
-                       f"h{i}/attn/c_proj/w": [1, c, c], f"h{i}/attn/c_proj/b": [c],
-                       f"h{i}/mlp/c_fc/w": [1, c, 4 * c], f"h{i}/mlp/c_fc/b": [4 * c],
-                       f"h{i}/mlp/c_proj/w": [1, 4 * c, c], f"h{i}/mlp/c_proj/b": [c]})
-    (dest / "weights").mkdir()
-    for name, shape in shapes.items():
-        kind = name.rsplit("/", 1)[-1]
-        value = (np.ones(shape) if kind == "g" else np.zeros(shape) if kind == "b"
-                 else rng.normal(0, 0.02, shape))
-        np.save(dest / "weights" / ("model." + name.replace("/", ".") + ".npy"), value.astype(np.float32))
-        tensors["model/" + name] = {"shape": shape, "dtype": "float32"}
-    (dest / "weights" / "manifest.json").write_text(json.dumps(dict(manifest, hparams=hparams, tensors=tensors)))
-    return dest
-
-
 @pytest.fixture(scope="module")
 def slow_api(tiny_run, site, out_dir, tmp_path_factory):
-    """The app on a slow model; QUEUE_SIZE=0, so while one answer streams another request gets 429."""
-    model = widen(tiny_run, tmp_path_factory.mktemp("slow") / "run1")
+    """The app on random weights of a wider shape, with the tiny run's tokenizer: milliseconds a token
+    and no early end, so answers stream for seconds, long enough to press Stop or to find the server
+    busy (the trained tiny model writes a whole answer in ~30 ms). QUEUE_SIZE=0: while one answer
+    streams, another request gets 429."""
+    model = write_random_run(tmp_path_factory.mktemp("slow") / "run1", tiny_run, n_layer=8, n_embd=512, n_head=8)
     with serve(model, site, out_dir / "server-slow.log", QUEUE_SIZE="0") as api:
         yield api
 
