@@ -139,7 +139,9 @@ def download(url, run_dir, model_dir):
         work = partial_dir(os.path.dirname(os.path.abspath(target)), os.path.basename(target))
         try:
             for blob in blobs:
-                path = os.path.join(work, blob.name[len(base):])
+                path = os.path.normpath(os.path.join(work, blob.name[len(base):]))
+                if not path.startswith(work + os.sep):  # an object named ../x or /x must not escape
+                    raise UsageError(f"refusing gs://{name}/{blob.name}: its name leads outside {target}")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 for attempt in range(1, ATTEMPTS + 1):
                     blob.download_to_filename(path, checksum=None)  # verified below, both sums
