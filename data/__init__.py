@@ -1,0 +1,1 @@
+"""Corpus extraction: `python -m data.extract` pulls Reddit comments from BigQuery (see extract.py)."""

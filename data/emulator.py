@@ -1,0 +1,151 @@
+"""A local BigQuery emulator (bqemulator) with Reddit-comment tables, for the tests and the demo.
+
+    python -m data.emulator [--port 9050]
+
+starts it with the bundled sample (data/sample/comments.jsonl.gz) as fh-bigquery.reddit_comments.2018_12,
+2019_01 and 2019_02, prints how to point `python -m data.extract` at it, and runs until Ctrl-C.
+
+bqemulator loads DuckDB's spatial extension at start-up and would download it; PyPI's
+duckdb-extension-spatial package carries the file, which install_spatial() installs first, so
+nothing is fetched from the network.
+
+What the emulator does not model (see the notes in extract.py's output): a dry run reports
+0 bytes (no cost model) and maximum_bytes_billed is accepted but never enforced.
+"""
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+SAMPLE = Path(__file__).with_name("sample") / "comments.jsonl.gz"
+SAMPLE_DATASET = "fh-bigquery.reddit_comments"
+# The columns of fh-bigquery.reddit_comments that the sample fills (the public tables have more).
+SCHEMA = [("id", "STRING"), ("author", "STRING"), ("subreddit", "STRING"), ("body", "STRING"),
+          ("score", "INTEGER"), ("created_utc", "INTEGER")]
+
+
+def install_spatial():
+    """INSTALL the spatial extension from the duckdb-extension-spatial wheel (no download)."""
+    import duckdb
+    import duckdb_extension_spatial
+
+    package = Path(duckdb_extension_spatial.__file__).parent
+    files = sorted(package.rglob("spatial.duckdb_extension"))
+    if not files:
+        raise RuntimeError(f"no spatial.duckdb_extension under {package}")
+    with duckdb.connect() as con:
+        con.execute(f"INSTALL '{files[-1]}'")
+        con.execute("LOAD spatial")
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Emulator:
+    """bqemulator in a subprocess on 127.0.0.1:port, in memory; use as a context manager."""
+
+    def __init__(self, port=None, log_path=None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="bqemulator-")) / "emulator.log"
+        self.process = None
+
+    def start(self, timeout=60):
+        install_spatial()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bqemulator", "start", "--rest-host", "127.0.0.1",
+                 "--rest-port", str(self.port), "--grpc-host", "127.0.0.1", "--grpc-port", "0",
+                 "--ephemeral", "--log-level", "warning", "--log-format", "console"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/bigquery/v2/projects/probe/datasets", timeout=2):
+                    return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    tail = self.log_path.read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"bqemulator did not start on port {self.port}; log {self.log_path}:\n{tail}")
+                time.sleep(0.2)
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def client(self, project):
+        from google.api_core.client_options import ClientOptions
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import bigquery
+        return bigquery.Client(project=project, credentials=AnonymousCredentials(),
+                               client_options=ClientOptions(api_endpoint=self.url))
+
+    def create_table(self, table_id, rows, schema=SCHEMA):
+        """Create project.dataset.table (and its dataset) holding rows (dicts)."""
+        from google.cloud import bigquery
+        project, dataset, _ = table_id.split(".")
+        client = self.client(project)
+        client.create_dataset(f"{project}.{dataset}", exists_ok=True)
+        table = client.create_table(
+            bigquery.Table(table_id, schema=[bigquery.SchemaField(n, t) for n, t in schema]), exists_ok=True)
+        # streaming inserts: this emulator refuses the multipart upload that load jobs use
+        for i in range(0, len(rows), 500):
+            errors = client.insert_rows_json(table, rows[i:i + 500])
+            if errors:
+                raise RuntimeError(f"inserting into {table_id} failed: {errors[:3]}")
+        return table_id
+
+    def load_sample(self, path=SAMPLE, dataset=SAMPLE_DATASET):
+        """Load the bundled sample, one table per month; return {table_id: row count}."""
+        by_table = defaultdict(list)
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                by_table[row.pop("table")].append(row)
+        return {self.create_table(f"{dataset}.{name}", rows): len(rows) for name, rows in sorted(by_table.items())}
+
+
+def main():
+    p = argparse.ArgumentParser(prog="python -m data.emulator", description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, default=9050)
+    args = p.parse_args()
+    with Emulator(args.port) as emulator:
+        tables = emulator.load_sample()
+        for table, count in tables.items():
+            print(f"{table}: {count:,} rows")
+        print(f"BigQuery emulator on {emulator.url} (log {emulator.log_path}). Try:\n"
+              f"  BIGQUERY_EMULATOR_HOST={emulator.url} {os.path.basename(sys.executable)} -m data.extract "
+              f"--subreddit AmItheAsshole --match '(?i)\\bYTA\\b' --out /tmp/corpus.txt\n"
+              "Ctrl-C stops it.", flush=True)
+        try:
+            emulator.process.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
