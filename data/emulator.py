@@ -16,6 +16,7 @@ import argparse
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -70,14 +71,21 @@ class Emulator:
                  "--rest-port", str(self.port), "--grpc-host", "127.0.0.1", "--grpc-port", "0",
                  "--ephemeral", "--log-level", "warning", "--log-format", "console"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            self._wait_until_ready(timeout)
+        except BaseException:  # Ctrl-C while starting, too: leave no emulator behind
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_ready(self, timeout):
         deadline = time.monotonic() + timeout
         while True:
             try:
                 with urllib.request.urlopen(f"{self.url}/bigquery/v2/projects/probe/datasets", timeout=2):
-                    return self
+                    return
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
                     tail = self.log_path.read_text(errors="replace")[-2000:]
                     raise RuntimeError(f"bqemulator did not start on port {self.port}; log {self.log_path}:\n{tail}")
                 time.sleep(0.2)
@@ -129,22 +137,26 @@ class Emulator:
         return {self.create_table(f"{dataset}.{name}", rows): len(rows) for name, rows in sorted(by_table.items())}
 
 
+def interrupted(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM too leaves through the `with` block, which stops bqemulator
+
+
 def main():
     p = argparse.ArgumentParser(prog="python -m data.emulator", description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, default=9050)
     args = p.parse_args()
-    with Emulator(args.port) as emulator:
-        tables = emulator.load_sample()
-        for table, count in tables.items():
-            print(f"{table}: {count:,} rows")
-        print(f"BigQuery emulator on {emulator.url} (log {emulator.log_path}). Try:\n"
-              f"  BIGQUERY_EMULATOR_HOST={emulator.url} {os.path.basename(sys.executable)} -m data.extract "
-              f"--subreddit AmItheAsshole --match '(?i)\\bYTA\\b' --out /tmp/corpus.txt\n"
-              "Ctrl-C stops it.", flush=True)
-        try:
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        with Emulator(args.port) as emulator:
+            for table, count in emulator.load_sample().items():
+                print(f"{table}: {count:,} rows")
+            print(f"BigQuery emulator on {emulator.url} (log {emulator.log_path}). Try:\n"
+                  f"  BIGQUERY_EMULATOR_HOST={emulator.url} {os.path.basename(sys.executable)} -m data.extract "
+                  f"--subreddit AmItheAsshole --match '(?i)\\bYTA\\b' --out /tmp/corpus.txt\n"
+                  "Ctrl-C stops it.", flush=True)
             emulator.process.wait()
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

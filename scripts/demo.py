@@ -1,0 +1,176 @@
+"""`make demo`: the whole product on this machine, offline, with no Google Cloud account.
+
+1. starts a local BigQuery emulator holding the bundled sample (data/sample/comments.jsonl.gz, made-up
+   comments shaped like fh-bigquery.reddit_comments.2019_*),
+2. extracts r/AmItheAsshole comments matching (?i)\\bYTA\\b with `python -m data.extract`,
+3. trains a small GPT-2 from scratch on them for a few minutes with `python -m finetune --from-scratch`
+   (which also exports the weights the server loads),
+4. serves it with `python -m app` on http://localhost:8080 until Ctrl-C.
+
+Everything is written under .demo/ (corpus.txt, checkpoint/run1, logs), never to data/corpus.txt or
+checkpoint/run1, so a real corpus or model is left alone; each run starts .demo/ afresh.
+Ctrl-C at any point stops every process the demo started.
+"""
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data.emulator import SAMPLE, Emulator  # noqa: E402
+
+DEMO = ROOT / ".demo"
+CORPUS = DEMO / "corpus.txt"
+RUN = DEMO / "checkpoint" / "run1"
+SUBREDDIT, MATCH = "AmItheAsshole", r"(?i)\bYTA\b"
+# ~0.45 s a step on two CPU cores: 400 steps take about three minutes. The comments are short,
+# so 256-token windows hold several of them.
+MODEL = ["--from-scratch", "--n-layer", "4", "--n-embd", "256", "--n-head", "8", "--vocab-size", "2000",
+         "--n-ctx", "256"]
+TRAIN = ["--batch-size", "8", "--accumulate-gradients", "1", "--learning-rate", "0.001",
+         "--sample-every", "0", "--save-every", "0", "--seed", "1"]
+
+started = []  # every process the demo started, stopped on the way out
+
+
+class DemoError(Exception):
+    pass
+
+
+def stage(number, text):
+    print(f"\n[{number}/4] {text}", flush=True)
+
+
+def start(args, env=None, **kwargs):
+    shown = [Path(sys.executable).name if a == sys.executable else a for a in args]
+    print("  $ " + shlex.join(shown), flush=True)
+    process = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, **kwargs)
+    started.append(process)
+    return process
+
+
+def run(args, what, env=None):
+    process = start(args, env)
+    if process.wait() != 0:
+        raise DemoError(f"{what} failed (exit status {process.returncode}); see its message above")
+
+
+def stop_all():
+    for process in reversed(started):
+        if process.poll() is None:
+            process.terminate()
+    for process in started:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def port_is_free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_for_server(process, url, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DemoError(f"the server exited (status {process.returncode}); see its log above")
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise DemoError(f"the server did not answer on {url} within {timeout} s")
+
+
+def demo(args):
+    began = time.monotonic()
+    if not port_is_free(args.port):
+        raise DemoError(f"port {args.port} is in use; stop what uses it, or run .venv/bin/python scripts/demo.py --port N")
+    shutil.rmtree(DEMO, ignore_errors=True)  # the demo's own scratch folder, started afresh
+    DEMO.mkdir()
+
+    stage(1, f"Starting a local BigQuery emulator (bqemulator) with the bundled sample {SAMPLE.relative_to(ROOT)}")
+    with Emulator(log_path=DEMO / "bqemulator.log") as emulator:
+        started.append(emulator.process)
+        for table, count in emulator.load_sample().items():
+            print(f"  {table}: {count:,} rows")
+        print(f"  emulator on {emulator.url} (log {emulator.log_path.relative_to(ROOT)})")
+
+        stage(2, f"Extracting r/{SUBREDDIT} comments matching {MATCH} into {CORPUS.relative_to(ROOT)} "
+                 "(same command as against real BigQuery, plus --endpoint)")
+        run([sys.executable, "-m", "data.extract", "--endpoint", emulator.url, "--subreddit", SUBREDDIT,
+             "--match", MATCH, "--out", str(CORPUS.relative_to(ROOT))], "the extraction")
+    print(f"  stopped the emulator ({time.monotonic() - began:.0f} s so far)")
+
+    stage(3, f"Training a small GPT-2 from scratch for {args.steps} steps (a few minutes on two cores), "
+             f"then exporting it to {RUN.relative_to(ROOT)}/weights")
+    run([sys.executable, "-m", "finetune", *MODEL, "--dataset", str(CORPUS.relative_to(ROOT)),
+         "--steps", str(args.steps), *TRAIN, "--run-name", RUN.name,
+         "--checkpoint-dir", str(RUN.parent.relative_to(ROOT))], "fine-tuning")
+    if (RUN / "loss.png").exists():
+        print(f"  loss curve: {(RUN / 'loss.png').relative_to(ROOT)}")
+
+    stage(4, f"Serving {RUN.relative_to(ROOT)} with `python -m app` on port {args.port}")
+    server = start([sys.executable, "-m", "app"],
+                   env={"MODEL_DIR": str(RUN.relative_to(ROOT)), "PORT": str(args.port)})
+    base = f"http://localhost:{args.port}"
+    wait_for_server(server, f"http://127.0.0.1:{args.port}/")
+    # gpt-2-simple's idiom: start at <|startoftext|>, cut at <|endoftext|>, as the corpus is written
+    one_comment = "prefix=%3C%7Cstartoftext%7C%3E&truncate=%3C%7Cendoftext%7C%3E&include_prefix=false"
+    with urllib.request.urlopen(f"http://127.0.0.1:{args.port}/?{one_comment}&length=80&seed=1", timeout=60) as r:
+        first = json.load(r)
+    print(f"\nReady in {time.monotonic() - began:.0f} s. A first generated comment:\n  {first['text']}\n")
+    print(f"Open {base}/ui/ for the page, or try:\n"
+          f"  {base}/?length=100&temperature=0.8\n"
+          f"  {base}/?{one_comment}&length=80&temperature=0.9\n"
+          f"  curl -s -X POST {base}/ -H 'Content-Type: application/json' "
+          "-d '{\"length\": 80, \"temperature\": 0.9, \"prefix\": \"YTA.\"}'\n"
+          f"  {base}/limits   (every parameter and its allowed range)\n"
+          "Ctrl-C stops the server.", flush=True)
+    server.wait()
+    if server.returncode not in (0, None):
+        raise DemoError(f"the server stopped with status {server.returncode}")
+
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt  # `kill` (SIGTERM) stops the demo the same way Ctrl-C does
+
+
+def main():
+    p = argparse.ArgumentParser(prog="scripts/demo.py", description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080)")
+    p.add_argument("--steps", type=int, default=400, help="training steps (default 400, about three minutes)")
+    args = p.parse_args()
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        demo(args)
+    except DemoError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ndemo: stopping everything it started ...", file=sys.stderr)
+        return 130
+    finally:
+        stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
