@@ -7,8 +7,9 @@
    (which also exports the weights the server loads),
 4. serves it with `python -m app` on http://localhost:8080 until Ctrl-C.
 
-Everything is written under .demo/ (corpus.txt, checkpoint/run1, logs), never to data/corpus.txt or
-checkpoint/run1, so a real corpus or model is left alone; each run starts .demo/ afresh.
+Everything is written under .demo/ (corpus.txt, checkpoint/run1, the emulator's log; --dir to choose),
+never to data/corpus.txt or checkpoint/run1, so a real corpus or model is left alone; each run replaces
+the previous demo's corpus and run folder there.
 Ctrl-C at any point stops every process the demo started.
 """
 import argparse
@@ -30,8 +31,6 @@ sys.path.insert(0, str(ROOT))
 from data.emulator import SAMPLE, Emulator  # noqa: E402
 
 DEMO = ROOT / ".demo"
-CORPUS = DEMO / "corpus.txt"
-RUN = DEMO / "checkpoint" / "run1"
 SUBREDDIT, MATCH = "AmItheAsshole", r"(?i)\bYTA\b"
 # ~0.45 s a step on two CPU cores: 400 steps take about three minutes. The comments are short,
 # so 256-token windows hold several of them.
@@ -99,37 +98,45 @@ def wait_for_server(process, url, timeout=120):
     raise DemoError(f"the server did not answer on {url} within {timeout} s")
 
 
+def shown(path):
+    """path relative to the repository when it is inside it (shorter to read), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def demo(args):
     began = time.monotonic()
     if not port_is_free(args.port):
         raise DemoError(f"port {args.port} is in use; stop what uses it, or run .venv/bin/python scripts/demo.py --port N")
-    shutil.rmtree(DEMO, ignore_errors=True)  # the demo's own scratch folder, started afresh
-    DEMO.mkdir()
+    workdir = args.dir.resolve()
+    corpus, run_dir = workdir / "corpus.txt", workdir / "checkpoint" / "run1"
+    # start afresh, removing only what an earlier demo wrote there (--dir may be any folder)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    corpus.unlink(missing_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
 
     stage(1, f"Starting a local BigQuery emulator (bqemulator) with the bundled sample {SAMPLE.relative_to(ROOT)}")
-    with Emulator(log_path=DEMO / "bqemulator.log") as emulator:
+    with Emulator(log_path=workdir / "bqemulator.log") as emulator:
         started.append(emulator.process)
         for table, count in emulator.load_sample().items():
             print(f"  {table}: {count:,} rows")
-        print(f"  emulator on {emulator.url} (log {emulator.log_path.relative_to(ROOT)})")
+        print(f"  emulator on {emulator.url} (log {shown(emulator.log_path)})")
 
-        stage(2, f"Extracting r/{SUBREDDIT} comments matching {MATCH} into {CORPUS.relative_to(ROOT)} "
+        stage(2, f"Extracting r/{SUBREDDIT} comments matching {MATCH} into {shown(corpus)} "
                  "(same command as against real BigQuery, plus --endpoint)")
         run([sys.executable, "-m", "data.extract", "--endpoint", emulator.url, "--subreddit", SUBREDDIT,
-             "--match", MATCH, "--out", str(CORPUS.relative_to(ROOT))], "the extraction")
+             "--match", MATCH, "--out", shown(corpus)], "the extraction")
     print(f"  stopped the emulator ({time.monotonic() - began:.0f} s so far)")
 
     stage(3, f"Training a small GPT-2 from scratch for {args.steps} steps (a few minutes on two cores), "
-             f"then exporting it to {RUN.relative_to(ROOT)}/weights")
-    run([sys.executable, "-m", "finetune", *MODEL, "--dataset", str(CORPUS.relative_to(ROOT)),
-         "--steps", str(args.steps), *TRAIN, "--run-name", RUN.name,
-         "--checkpoint-dir", str(RUN.parent.relative_to(ROOT))], "fine-tuning")
-    if (RUN / "loss.png").exists():
-        print(f"  loss curve: {(RUN / 'loss.png').relative_to(ROOT)}")
+             f"then exporting it to {shown(run_dir)}/weights")
+    run([sys.executable, "-m", "finetune", *MODEL, "--dataset", shown(corpus), "--steps", str(args.steps),
+         *TRAIN, "--run-name", run_dir.name, "--checkpoint-dir", shown(run_dir.parent)], "fine-tuning")
+    if (run_dir / "loss.png").exists():
+        print(f"  loss curve: {shown(run_dir / 'loss.png')}")
 
-    stage(4, f"Serving {RUN.relative_to(ROOT)} with `python -m app` on port {args.port}")
-    server = start([sys.executable, "-m", "app"],
-                   env={"MODEL_DIR": str(RUN.relative_to(ROOT)), "PORT": str(args.port)})
+    stage(4, f"Serving {shown(run_dir)} with `python -m app` on port {args.port}")
+    server = start([sys.executable, "-m", "app"], env={"MODEL_DIR": shown(run_dir), "PORT": str(args.port)})
     base = f"http://localhost:{args.port}"
     wait_for_server(server, f"http://127.0.0.1:{args.port}/")
     # gpt-2-simple's idiom: start at <|startoftext|>, cut at <|endoftext|>, as the corpus is written
@@ -157,7 +164,10 @@ def main():
     p = argparse.ArgumentParser(prog="scripts/demo.py", description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080)")
     p.add_argument("--steps", type=int, default=400, help="training steps (default 400, about three minutes)")
+    p.add_argument("--dir", type=Path, default=DEMO, help="folder for the corpus, checkpoint/run1 and the emulator's log (default .demo)")
     args = p.parse_args()
+    if args.steps < 1 or not 0 < args.port < 65536:
+        p.error("--steps must be at least 1 and --port from 1 to 65535")
     signal.signal(signal.SIGTERM, interrupted)
     try:
         demo(args)

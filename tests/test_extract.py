@@ -291,3 +291,44 @@ def test_job_config_parameters_and_bytes_cap():
 ])
 def test_table_pattern(name, ok):
     assert bool(extract.TABLE_PATTERN.fullmatch(name)) is ok
+
+
+def test_demo_end_to_end_then_ctrl_c(tmp_path):
+    """scripts/demo.py (what `make demo` runs) with a short training: it serves the page and the API,
+    and Ctrl-C to its process group, as a terminal sends it, stops every process it started."""
+    import signal
+    import time
+    import urllib.request
+
+    import psutil
+
+    from data.emulator import free_port
+
+    port = free_port()
+    log = (tmp_path / "demo.log").open("w+")
+    demo = subprocess.Popen([sys.executable, "scripts/demo.py", "--steps", "5", "--port", str(port),
+                             "--dir", str(tmp_path / "demo")], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 300
+        while "Ctrl-C stops the server." not in (tmp_path / "demo.log").read_text():
+            assert demo.poll() is None and time.monotonic() < deadline, (tmp_path / "demo.log").read_text()
+            time.sleep(0.5)
+        output = (tmp_path / "demo.log").read_text()
+        for stage in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "Ready in"):
+            assert stage in output
+        assert (tmp_path / "demo" / "corpus.txt").read_text().startswith("<|startoftext|>")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui/", timeout=10) as r:
+            assert r.status == 200 and "text/html" in r.headers["Content-Type"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/?length=5&seed=1", timeout=30) as r:
+            assert isinstance(json.load(r)["text"], str)
+        children = psutil.Process(demo.pid).children(recursive=True)
+        assert children  # the server, at least
+        os.killpg(demo.pid, signal.SIGINT)
+        assert demo.wait(timeout=30) == 130
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, alive
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+        log.close()
