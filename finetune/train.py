@@ -205,7 +205,10 @@ class Trainer:
             counter = os.path.join(self.dir, "counter")
             if os.path.exists(counter):
                 with open(counter) as f:
-                    self.start = int(f.read().strip() or 0)
+                    text = f.read().strip() or "0"
+                if not text.isdigit():
+                    raise UsageError(f"{counter} holds {text[:20]!r}, not a step number: fix or delete it")
+                self.start = int(text)
             state = tf.train.get_checkpoint_state(self.dir)
             self.saver.recover_last_checkpoints(list(state.all_model_checkpoint_paths))
             self.rows = [r for r in read_loss_csv(self.dir) if r[0] <= self.start]

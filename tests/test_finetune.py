@@ -189,6 +189,19 @@ def test_resume_with_another_shape_is_refused(tiny_run, tmp_path, tiny_corpus):
         "use --restore-from fresh to replace it or another --run-name")
 
 
+
+def test_resume_with_a_corrupt_counter_is_refused(tiny_run, tmp_path, tiny_corpus):
+    shutil.copytree(tiny_run, tmp_path / "run1")
+    (tmp_path / "run1" / "counter").write_text("garbage\n")
+    before = tree_digest(tmp_path / "run1")
+    result = run_finetune(*TINY_MODEL_ARGS, "--dataset", tiny_corpus, "--checkpoint-dir", tmp_path,
+                          "--steps", "1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'run1' / 'counter'} holds 'garbage', not a step number: fix or delete it")
+    assert "Traceback" not in result.stderr
+    assert tree_digest(tmp_path / "run1") == before
+
 def test_a_folder_that_is_not_a_run_is_not_overwritten(tmp_path, tiny_corpus):
     (tmp_path / "run1").mkdir()
     (tmp_path / "run1" / "notes.txt").write_text("mine")
