@@ -17,6 +17,7 @@ import gzip
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,17 +41,29 @@ def install_spatial():
     package = Path(duckdb_extension_spatial.__file__).parent
     files = sorted(package.rglob("spatial.duckdb_extension"))
     if not files:
-        raise RuntimeError(f"no spatial.duckdb_extension under {package}")
+        raise EmulatorError(f"no spatial.duckdb_extension under {package}; reinstall duckdb-extension-spatial")
     with duckdb.connect() as con:
         con.execute(f"INSTALL '{files[-1]}'")
         con.execute("LOAD spatial")
 
 
 def free_port():
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_in_use(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+class EmulatorError(Exception):
+    """bqemulator could not be started; the message is one line, naming its log."""
 
 
 class Emulator:
@@ -63,6 +76,9 @@ class Emulator:
         self.process = None
 
     def start(self, timeout=60):
+        # something else answering on the port would pass the readiness check below
+        if port_in_use(self.port):
+            raise EmulatorError(f"port {self.port} is in use; choose another")
         install_spatial()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "w") as log:
@@ -85,9 +101,12 @@ class Emulator:
                 with urllib.request.urlopen(f"{self.url}/bigquery/v2/projects/probe/datasets", timeout=2):
                     return
             except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    tail = self.log_path.read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"bqemulator did not start on port {self.port}; log {self.log_path}:\n{tail}")
+                if self.process.poll() is not None:
+                    raise EmulatorError(f"bqemulator exited with status {self.process.returncode} while starting "
+                                        f"on port {self.port}; see its log {self.log_path}")
+                if time.monotonic() > deadline:
+                    raise EmulatorError(f"bqemulator did not answer on port {self.port} within {timeout} s; "
+                                        f"see its log {self.log_path}")
                 time.sleep(0.2)
 
     def stop(self):
@@ -145,6 +164,8 @@ def main():
     p = argparse.ArgumentParser(prog="python -m data.emulator", description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, default=9050)
     args = p.parse_args()
+    if not 0 < args.port < 65536:
+        p.error("--port must be from 1 to 65535")
     signal.signal(signal.SIGTERM, interrupted)
     try:
         with Emulator(args.port) as emulator:
@@ -155,6 +176,8 @@ def main():
                   f"--subreddit AmItheAsshole --match '(?i)\\bYTA\\b' --out /tmp/corpus.txt\n"
                   "Ctrl-C stops it.", flush=True)
             emulator.process.wait()
+    except EmulatorError as e:
+        sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         pass
 

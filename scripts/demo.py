@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data.emulator import SAMPLE, Emulator  # noqa: E402
+from data.emulator import SAMPLE, Emulator, EmulatorError  # noqa: E402
 
 DEMO = ROOT / ".demo"
 SUBREDDIT, MATCH = "AmItheAsshole", r"(?i)\bYTA\b"
@@ -171,7 +171,7 @@ def main():
     signal.signal(signal.SIGTERM, interrupted)
     try:
         demo(args)
-    except DemoError as e:
+    except (DemoError, EmulatorError) as e:
         print(f"demo: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -293,6 +293,18 @@ def test_table_pattern(name, ok):
     assert bool(extract.TABLE_PATTERN.fullmatch(name)) is ok
 
 
+def test_emulator_port_in_use_is_one_line_error():
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "data.emulator", "--port", str(port)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == f"error: port {port} is in use; choose another\n"
+
+
 def test_demo_end_to_end_then_ctrl_c(tmp_path):
     """scripts/demo.py (what `make demo` runs) with a short training: it serves the page and the API,
     and Ctrl-C to its process group, as a terminal sends it, stops every process it started."""
