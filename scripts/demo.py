@@ -109,6 +109,8 @@ def demo(args):
     if not port_is_free(args.port):
         raise DemoError(f"port {args.port} is in use; stop what uses it, or run .venv/bin/python scripts/demo.py --port N")
     workdir = args.dir.resolve()
+    if workdir == ROOT:  # its checkpoint/run1 is the real model, which the demo would replace
+        raise DemoError("--dir must not be the repository itself; the default is .demo")
     corpus, run_dir = workdir / "corpus.txt", workdir / "checkpoint" / "run1"
     # start afresh, removing only what an earlier demo wrote there (--dir may be any folder)
     shutil.rmtree(run_dir, ignore_errors=True)

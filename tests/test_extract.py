@@ -305,6 +305,14 @@ def test_emulator_port_in_use_is_one_line_error():
     assert result.stderr == f"error: port {port} is in use; choose another\n"
 
 
+def test_demo_refuses_the_repository_as_its_folder():
+    from data.emulator import free_port
+    result = subprocess.run([sys.executable, "scripts/demo.py", "--dir", ".", "--port", str(free_port())], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == "demo: --dir must not be the repository itself; the default is .demo\n"
+
+
 def test_demo_end_to_end_then_ctrl_c(tmp_path):
     """scripts/demo.py (what `make demo` runs) with a short training: it serves the page and the API,
     and Ctrl-C to its process group, as a terminal sends it, stops every process it started."""
