@@ -24,9 +24,10 @@ def emit(event, **fields):
     print(json.dumps({"event": event, "t": time.time(), **fields}), flush=True)
 
 
-def rss_mb():
-    """Current and peak resident set size of this process, from the kernel."""
-    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+def memory_mb(pid="self"):
+    """Resident set size now and its high-water mark (peak) of a process (this one by default), from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        status = dict(line.split(":", 1) for line in f)
     return {key: int(status[name].split()[0]) / 1024 for key, name in
             [("rss", "VmRSS"), ("peak", "VmHWM"), ("anon", "RssAnon"), ("file", "RssFile")]}
 
@@ -43,7 +44,7 @@ def main():
 
     sess = gpt2.start_tf_sess(threads=plan["threads"])
     gpt2.load_gpt2(sess, **where)
-    emit("loaded", memory=rss_mb())
+    emit("loaded", memory=memory_mb())
     enc = encoder.get_encoder(run_dir)
 
     def generate(length, seed, prefix=plan.get("prefix"), truncate=None):
@@ -54,11 +55,11 @@ def main():
 
     if plan.get("first_length"):
         text, seconds = generate(plan["first_length"], seed=0)
-        emit("first_answer", seconds=seconds, chars=len(text), memory=rss_mb())
+        emit("first_answer", seconds=seconds, chars=len(text), memory=memory_mb())
 
     for length, seed in plan.get("warm", []):
         _, seconds = generate(length, seed)
-        emit("warm", length=length, seed=seed, seconds=seconds, memory=rss_mb())
+        emit("warm", length=length, seed=seed, seconds=seconds, memory=memory_mb())
 
     if plan.get("growth_seconds"):
         deadline = time.perf_counter() + plan["growth_seconds"]
@@ -66,7 +67,7 @@ def main():
         while time.perf_counter() < deadline:
             n += 1
             _, seconds = generate(plan["growth_length"], seed=n)
-            emit("growth", request=n, seconds=seconds, memory=rss_mb())
+            emit("growth", request=n, seconds=seconds, memory=memory_mb())
 
     early = plan.get("early_stop")
     for seed in early["seeds"] if early else []:
@@ -78,7 +79,7 @@ def main():
              tokens_computed=early["length"],
              untruncated_tokens=len(enc.encode(full)) - len(enc.encode(early["prefix"])))
 
-    emit("done", memory=rss_mb())
+    emit("done", memory=memory_mb())
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bandwidth  # noqa: E402
+from baseline import memory_mb  # noqa: E402
 import make_model  # noqa: E402
 import report  # noqa: E402
 
@@ -57,13 +58,6 @@ def thread_env(threads):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **{name: str(threads) for name in names})
     env.pop("PYTHONPATH", None)
     return env
-
-
-def proc_memory_mb(pid):
-    """RSS now and its high-water mark (peak) of one process, from /proc."""
-    status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
-    return {key: int(status[name].split()[0]) / 1024 for key, name in
-            [("rss", "VmRSS"), ("peak", "VmHWM"), ("anon", "RssAnon"), ("file", "RssFile")]}
 
 
 # ----------------------------------------------------------------------------- models
@@ -251,7 +245,7 @@ class Server:
         return json.loads(body), seconds
 
     def memory(self):
-        return proc_memory_mb(self.proc.pid)
+        return memory_mb(self.proc.pid)
 
     def stop(self):
         if self.proc.poll() is None:
