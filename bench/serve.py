@@ -352,6 +352,8 @@ def main():
     if args.tiny_model and not (Path(args.tiny_model) / "weights" / "manifest.json").exists():
         sys.exit(f"bench/serve.py: --tiny-model {args.tiny_model} has no weights/manifest.json "
                  "(an exported run folder is needed: python -m finetune.export RUN_DIR)")
+    if out.exists() and not out.is_dir():
+        sys.exit(f"bench/serve.py: --out {out} is a file, not a folder")
     s = settings_for(args.quick)
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
@@ -369,6 +371,8 @@ def main():
             ours = bench_ours(model, early_model, s, logs, progress)
     except BenchError as e:
         sys.exit(f"bench/serve.py: {e}")
+    except KeyboardInterrupt:  # the finally blocks above have stopped every process it started
+        sys.exit("bench/serve.py: interrupted; no figures written")
     results = {
         "date": datetime.date.today().isoformat(), "mode": "quick" if args.quick else "full",
         "machine": machine(), "settings": s, "prompt": PROMPT, "wall_seconds": round(time.time() - started, 1),
