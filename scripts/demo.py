@@ -18,7 +18,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data.emulator import SAMPLE, Emulator, EmulatorError  # noqa: E402
+from data.emulator import SAMPLE, Emulator, EmulatorError, port_in_use  # noqa: E402
 
 DEMO = ROOT / ".demo"
 SUBREDDIT, MATCH = "AmItheAsshole", r"(?i)\bYTA\b"
@@ -76,15 +75,6 @@ def stop_all():
             process.wait()
 
 
-def port_is_free(port):
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
 def wait_for_server(process, url, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -106,7 +96,7 @@ def shown(path):
 
 def demo(args):
     began = time.monotonic()
-    if not port_is_free(args.port):
+    if port_in_use(args.port):
         raise DemoError(f"port {args.port} is in use; stop what uses it, or run .venv/bin/python scripts/demo.py --port N")
     workdir = args.dir.resolve()
     if workdir == ROOT:  # its checkpoint/run1 is the real model, which the demo would replace
