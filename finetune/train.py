@@ -286,7 +286,7 @@ class Trainer:
     def save(self, step):
         self.saver.save(self.sess, os.path.join(self.dir, "model"), global_step=step)
         atomic_write_text(os.path.join(self.dir, "counter"), f"{step}\n")
-        write_loss_files(self.dir, self.rows)
+        write_loss_files(self.dir, self.rows, run_name=os.path.basename(self.run_dir))
         if self.dir != self.run_dir:
             # First complete checkpoint: the work folder becomes the run folder.
             replace_dir(self.dir, self.run_dir)
@@ -333,17 +333,17 @@ def read_loss_csv(folder):
                 for r in csv.DictReader(f)]
 
 
-def write_loss_files(folder, rows):
+def write_loss_files(folder, rows, run_name):
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["step", "loss", "avg_loss", "seconds_per_step"])
     writer.writerows((s, f"{loss:.6f}", f"{avg:.6f}", f"{sec:.4f}") for s, loss, avg, sec in rows)
     atomic_write_text(os.path.join(folder, "loss.csv"), out.getvalue())
     if rows:
-        plot_loss(folder, rows)
+        plot_loss(folder, rows, run_name)
 
 
-def plot_loss(folder, rows):
+def plot_loss(folder, rows, run_name):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -354,7 +354,7 @@ def plot_loss(folder, rows):
     ax.plot(steps, [r[2] for r in rows], lw=1.8, label="average loss")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(f"fine-tuning loss: {os.path.basename(folder)}")
+    ax.set_title(f"fine-tuning loss: {run_name}")  # folder may still be the hidden work folder
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
