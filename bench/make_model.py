@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # finetune.tokenizer, when run as a script
 SHAPE_124M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
 END_TOKEN = "<|endoftext|>"
 SPEC_FILE = "bench_model.json"  # written last: its presence means the folder is complete
@@ -61,30 +62,18 @@ def make_corpus(path, n_words, seed):
 
 
 def train_tokenizer(run_dir, n_vocab, seed):
-    """encoder.json + vocab.bpe with exactly n_vocab entries, `<|endoftext|>` last (as GPT-2)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """encoder.json + vocab.bpe with exactly n_vocab entries, `<|endoftext|>` last (as GPT-2),
+    made by the same trainer as `python -m finetune --from-scratch`."""
+    from finetune.tokenizer import train_tokenizer as train
 
     n_words = 3_000_000 if n_vocab > 5000 else 100_000
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "corpus.txt")
         make_corpus(corpus, n_words, seed)
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=n_vocab - 1, min_frequency=2, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train([corpus], trainer)
-        tok.model.save(tmp)
-        vocab = json.load(open(os.path.join(tmp, "vocab.json"), encoding="utf-8"))
-        merges = open(os.path.join(tmp, "merges.txt"), encoding="utf-8").read().splitlines()
-    merges = [m for m in merges if m and not m.startswith("#version")]
-    if len(vocab) != n_vocab - 1:
-        raise SystemExit(f"tokenizer reached {len(vocab)} entries, not {n_vocab - 1}: corpus too small")
-    vocab[END_TOKEN] = n_vocab - 1
-    with open(run_dir / "encoder.json", "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(run_dir / "vocab.bpe", "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        with open(corpus, encoding="utf-8") as f:
+            reached = train(f.read(), n_vocab, run_dir)
+    if reached != n_vocab:
+        raise SystemExit(f"tokenizer reached {reached} entries, not {n_vocab}: corpus too small")
 
 
 def check_tokenizer(run_dir):
@@ -121,7 +110,7 @@ def write_checkpoint(run_dir, hparams, seed):
 def build(out_dir, hparams=SHAPE_124M, seed=0):
     """Build (or reuse) the run folder at out_dir; returns its Path."""
     out_dir = Path(out_dir)
-    spec = {"hparams": hparams, "seed": seed, "version": 1}
+    spec = {"hparams": hparams, "seed": seed, "version": 2}
     spec_path = out_dir / SPEC_FILE
     if spec_path.exists() and json.loads(spec_path.read_text()) == spec:
         return out_dir
