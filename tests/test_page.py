@@ -4,8 +4,6 @@ The page is served by a plain static server on one port and the app (uvicorn, th
 another, so every call the page makes is cross-origin and the app's CORS handling is exercised for real.
 Screenshots of each state go to tests/out/page/.
 """
-import contextlib
-import os
 import re
 import signal
 import subprocess
@@ -18,7 +16,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from conftest import find_free_port as free_port
-from test_server import write_random_run
+from test_server import running_server, write_random_run
 
 pytestmark = pytest.mark.slow
 
@@ -76,29 +74,11 @@ def site(out_dir):
         stop(proc)
 
 
-class Api:
-    def __init__(self, url, log):
-        self.url, self.log = url, log
-
-    def log_text(self):
-        return self.log.read_text()
-
-
-@contextlib.contextmanager
 def serve(model_dir, site, log, **env):
-    """The real app (uvicorn) on MODEL_DIR, allowing the page's origin only."""
+    """The real app (`uvicorn app.main:app`) on MODEL_DIR, allowing the page's origin only."""
     port = free_port()
-    env = dict(os.environ, MODEL_DIR=str(model_dir), ALLOWED_ORIGINS=site, PORT=str(port), **env)
-    with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-                                 "--port", str(port)], cwd=ROOT, env=env,
-                                stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url + "/", proc, log)
-        yield Api(url, log)
-    finally:
-        stop(proc)
+    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    return running_server(model_dir, port, log, command=command, ALLOWED_ORIGINS=site, **env)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +232,7 @@ def test_generate_streams_text_cross_origin(watched, site, slow_api, limits, lon
     assert watched.posts() == [slow_api.url + "/"]
     # Cross-origin with a JSON body: the browser asked first (the app logs the preflight) and the
     # answer allowed the page's origin.
-    assert '"requestMethod":"OPTIONS"' in slow_api.log_text(), "no CORS preflight reached the server"
+    assert '"requestMethod":"OPTIONS"' in slow_api.log_path.read_text(), "no CORS preflight reached the server"
     [(_, _, status, headers)] = [r for r in watched.responses if r[0] == "POST"]
     assert status == 200 and headers.get("access-control-allow-origin") == site
     assert not watched.errors and not watched.dialogs
@@ -320,9 +300,9 @@ def test_stop_aborts_the_stream(watched, site, slow_api, limits, long_answer, ou
     assert generated and full.startswith(generated) and len(generated) < len(full), (generated, full)
     # The server noticed the client leaving and stopped generating.
     deadline = time.monotonic() + 10
-    while '"disconnected":true' not in slow_api.log_text() and time.monotonic() < deadline:
+    while '"disconnected":true' not in slow_api.log_path.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert '"disconnected":true' in slow_api.log_text()
+    assert '"disconnected":true' in slow_api.log_path.read_text()
     assert not watched.errors
 
 
@@ -343,7 +323,7 @@ def test_busy_server_says_when_to_retry(make_page, site, slow_api, limits, long_
     expect(error).to_have_text(re.compile(r"The server is busy with another request\. Try again in \d+ seconds?\."))
     second.page.screenshot(path=out_dir / "busy-429.png", full_page=True)
     assert shown(second.page) == ("", ""), "nothing was generated for the refused request"
-    assert '"status":429' in slow_api.log_text()
+    assert '"status":429' in slow_api.log_path.read_text()
     assert not first.errors and not second.errors
 
 
