@@ -69,8 +69,9 @@ class EmulatorError(Exception):
 class Emulator:
     """bqemulator in a subprocess on 127.0.0.1:port, in memory; use as a context manager."""
 
-    def __init__(self, port=None, log_path=None):
+    def __init__(self, port=None, log_path=None, gcs_root=None):
         self.port = port or free_port()
+        self.gcs_root = gcs_root  # load jobs read gs://BUCKET/PATH from GCS_ROOT/BUCKET/PATH
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="bqemulator-")) / "emulator.log"
         self.process = None
@@ -86,7 +87,8 @@ class Emulator:
                 [sys.executable, "-m", "bqemulator", "start", "--rest-host", "127.0.0.1",
                  "--rest-port", str(self.port), "--grpc-host", "127.0.0.1", "--grpc-port", "0",
                  "--ephemeral", "--log-level", "warning", "--log-format", "console"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **({"BQEMU_GCS_LOCAL_ROOT": str(self.gcs_root)} if self.gcs_root else {})})
         try:
             self._wait_until_ready(timeout)
         except BaseException:  # Ctrl-C while starting, too: leave no emulator behind

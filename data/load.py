@@ -1,0 +1,399 @@
+"""Load Reddit dump files (Pushshift / Arctic Shift .zst) into a BigQuery table of your own.
+
+    python -m data.load AmItheAsshole_comments.zst --table MY-PROJECT.reddit.comments
+    python -m data.load RS_2023-01.zst --table MY-PROJECT.reddit.posts --subreddit AmItheAsshole
+
+A dump file is zstandard-compressed newline-delimited JSON, one comment or submission per line, written
+with a 2 GiB window (`zstd --long=31`). It is streamed, never held in memory: decompressed, split into
+lines (on bytes, so a chunk boundary inside a UTF-8 character does no harm), checked, cut down to the
+fields data.extract uses, and written as NDJSON chunks that load jobs (free, unlike streaming inserts)
+put into a staging table, sent with load_table_from_file or, with --staging gs://..., from Cloud Storage.
+
+Re-loading is idempotent: when a file is read completely, one MERGE on id inserts only the staged rows
+the table does not hold yet, and BigQuery applies a MERGE entirely or not at all. So loading a file twice
+adds nothing, and a failed or interrupted file (Ctrl-C, a corrupt or truncated file) leaves the table as it
+was before that file; the staging table is dropped either way (it also expires on its own after a day).
+
+The table is created when missing, partitioned by month on created_utc and clustered by subreddit, so
+a query for one subreddit and a few months scans only their blocks. So is its dataset.
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from data.extract import OneLineParser, UsageError, cloud_error_line, gcs_url, make_client, positive_float
+
+MAX_WINDOW = 2**31  # the archives are written with zstd --long=31; zstd's default limit is 2**27
+READ_SIZE = 1 << 16  # compressed bytes per read: bounds what one read can expand to
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+# The fields kept, with their BigQuery type. Required ones must be present and of the right type;
+# optional ones may be missing or null. created_utc is seconds since 1970, as a number or a string.
+FIELDS = {
+    "comments": {"id": "STRING", "subreddit": "STRING", "author": "STRING", "body": "STRING",
+                 "score": "INTEGER", "created_utc": "TIMESTAMP", "link_id": "STRING", "parent_id": "STRING"},
+    "posts": {"id": "STRING", "subreddit": "STRING", "author": "STRING", "title": "STRING", "selftext": "STRING",
+              "score": "INTEGER", "num_comments": "INTEGER", "over_18": "BOOLEAN", "created_utc": "TIMESTAMP"},
+}
+REQUIRED = {"comments": ("id", "subreddit", "author", "body", "score", "created_utc"),
+            "posts": ("id", "subreddit", "author", "title", "score", "created_utc")}
+PYTHON_TYPES = {"STRING": str, "INTEGER": int, "BOOLEAN": bool}
+BAD_RULES = ("not JSON", "not an object", "missing field", "wrong type")
+LAST_SECOND = 253402300800  # 10000-01-01: BigQuery's TIMESTAMP ends with year 9999
+
+
+class BadLine(Exception):
+    """A line that cannot be loaded; its argument is the rule it broke (one of BAD_RULES)."""
+
+
+def seconds(value):
+    """created_utc (1546300800, 1546300800.5 or "1546300800") as a float, or BadLine."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise BadLine("wrong type") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < LAST_SECOND:
+        raise BadLine("wrong type")
+    return float(value)
+
+
+def timestamp_text(value):
+    """Seconds since 1970 as TIMESTAMP text that BigQuery's JSON loader reads."""
+    return datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f UTC")
+
+
+def convert(line, kind):
+    """One dump line (bytes) as the row to load (a dict of the kind's fields), or BadLine."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # UnicodeDecodeError included
+        raise BadLine("not JSON") from None
+    if not isinstance(record, dict):
+        raise BadLine("not an object")
+    row = {}
+    for name, bq_type in FIELDS[kind].items():
+        value = record.get(name)
+        if value is None:
+            if name in REQUIRED[kind]:
+                raise BadLine("missing field")
+        elif bq_type == "TIMESTAMP":
+            value = seconds(value)
+        elif type(value) is not PYTHON_TYPES[bq_type]:  # not isinstance: True is not a score
+            raise BadLine("wrong type")
+        row[name] = value
+    return row
+
+
+def dump_lines(path, progress=None):
+    """Yield the lines (bytes, without the newline) of a zstandard dump file, reading it in small pieces.
+
+    Frames follow one another (a file may hold several). A file that is not zstandard, or that ends
+    inside a frame, raises UsageError naming the file and the byte offset. progress(n) is called with the
+    compressed bytes read.
+    """
+    import zstandard
+
+    def new_frame():
+        return zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()
+
+    rest, offset, frame, frame_started = b"", 0, new_frame(), False
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(READ_SIZE)
+            if not chunk:
+                break
+            if offset == 0 and not chunk.startswith(ZSTD_MAGIC):
+                raise UsageError(f"{path}: not a zstandard file (byte 0 is not a zstd frame; "
+                                 "dump files end in .zst)")
+            data = []
+            while chunk:
+                frame_started = True
+                try:
+                    data.append(frame.decompress(chunk))
+                except zstandard.ZstdError as e:
+                    raise UsageError(f"{path}: corrupt zstandard data between bytes {offset:,} and "
+                                     f"{offset + READ_SIZE:,}: {e}") from None
+                chunk = b""
+                if frame.eof:  # the next frame starts in what this one left over
+                    chunk, frame, frame_started = frame.unused_data, new_frame(), False
+            offset = f.tell()
+            if progress:
+                progress(offset)
+            lines = (rest + b"".join(data)).split(b"\n")  # bytes: a split UTF-8 character stays whole
+            rest = lines.pop()
+            yield from lines
+    if frame_started:
+        raise UsageError(f"{path}: truncated: the file ends at byte {offset:,} inside a zstd frame "
+                         "(download it again)")
+    if rest:
+        yield rest  # a last line without a newline
+
+
+def table_id(value):
+    """PROJECT.DATASET.TABLE, as data.extract checks it, without a wildcard."""
+    from data.extract import table_name
+    if value.endswith("*"):
+        raise argparse.ArgumentTypeError(f"{value!r}: load into one table, not a wildcard")
+    return table_name(value)
+
+
+def parse_args(argv=None):
+    p = OneLineParser(prog="python -m data.load",
+                      description="Load Reddit dump files (.zst) into a BigQuery table.")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                   help="Pushshift-format dump files: RC_YYYY-MM.zst, RS_YYYY-MM.zst, <subreddit>_comments.zst, ...")
+    p.add_argument("--table", type=table_id, required=True, help="PROJECT.DATASET.TABLE; created when missing")
+    p.add_argument("--kind", choices=sorted(FIELDS), help="what the files hold (default: detected from the records)")
+    p.add_argument("--subreddit", action="append", metavar="NAME",
+                   help="keep only this subreddit (case-insensitive); repeatable (default: all)")
+    p.add_argument("--staging", type=gcs_url, metavar="gs://BUCKET/PREFIX",
+                   help="upload the NDJSON chunks there and load from Cloud Storage "
+                        "(default: send them with the load job); the objects are deleted afterwards")
+    p.add_argument("--chunk-mb", type=positive_float, default=1000,
+                   help="NDJSON megabytes per chunk written to disk and loaded (default 1000)")
+    p.add_argument("--project", help="project that runs the jobs (default: your credentials'; with an emulator, the table's)")
+    p.add_argument("--endpoint", help="BigQuery API URL of an emulator (default: $BIGQUERY_EMULATOR_HOST, else BigQuery)")
+    p.add_argument("--timeout", type=positive_float, default=300.0,
+                   help="give up on one BigQuery or Cloud Storage call, retries included, after this many seconds")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.subreddit is not None and not all(s.strip() for s in args.subreddit):
+        p.error("--subreddit must not be empty")
+    for path in args.files:
+        if not path.is_file():
+            p.error(f"{path}: no such file")
+    return args
+
+
+def schema(kind):
+    from google.cloud import bigquery
+    return [bigquery.SchemaField(name, bq_type) for name, bq_type in FIELDS[kind].items()]
+
+
+def ensure_table(client, table, kind):
+    """The target table, created partitioned by month and clustered by subreddit when missing."""
+    from google.api_core.exceptions import NotFound
+    from google.cloud import bigquery
+
+    try:
+        existing = client.get_table(table)
+    except NotFound:
+        new = bigquery.Table(table, schema=schema(kind))
+        new.time_partitioning = bigquery.TimePartitioning(type_=bigquery.TimePartitioningType.MONTH,
+                                                          field="created_utc")
+        new.clustering_fields = ["subreddit"]
+        return client.create_table(new)
+    missing = set(FIELDS[kind]) - {field.name for field in existing.schema}
+    if missing:
+        raise UsageError(f"{table} exists without the {kind} columns {', '.join(sorted(missing))}; "
+                         f"load {kind} into another table")
+    return existing
+
+
+def merge_sql(table, staging, kind):
+    """Insert the staged rows whose id the table lacks (a file may repeat a line: one row per id).
+
+    The created_utc range restricts the scan of the table to the partitions the file covers."""
+    columns = ", ".join(FIELDS[kind])
+    return (f"MERGE `{table}` T\n"
+            f"USING (SELECT * FROM `{staging}` WHERE TRUE QUALIFY ROW_NUMBER() OVER (PARTITION BY id) = 1) S\n"
+            "ON T.id = S.id AND T.created_utc BETWEEN @first AND @last\n"
+            f"WHEN NOT MATCHED THEN INSERT ({columns}) VALUES ({', '.join('S.' + c for c in FIELDS[kind])})")
+
+
+class Loader:
+    """Loads dump files into one table through a staging table; see the module's docstring."""
+
+    def __init__(self, args):
+        from data.extract import gcs_bucket
+
+        self.args = args
+        self.client, self.endpoint = make_client(args)
+        self.subreddits = {s.lower() for s in args.subreddit or []}
+        self.bucket = gcs_bucket(args.staging, args.timeout) if args.staging else None
+        self.prefix = args.staging.split("/", 3)[3].strip("/") if args.staging else None
+        self.job = None  # the BigQuery job in progress, cancelled on Ctrl-C
+        self.client.create_dataset(args.table.rsplit(".", 1)[0], exists_ok=True, timeout=args.timeout)
+
+    def load_file(self, path):
+        """Stage one file, then merge it into the table; return (kind, counts)."""
+        counts = {"lines": 0, **dict.fromkeys(BAD_RULES, 0), "other subreddits": 0, "staged": 0, "added": 0}
+        kind, first, last = self.args.kind, None, None
+        staging = f"{self.args.table}__staging_{uuid.uuid4().hex[:12]}"
+        chunk, chunk_bytes, staged = tempfile.TemporaryFile(), 0, []
+        bar, began = self.progress_bar(path), time.monotonic()
+        try:
+            for line in dump_lines(path, bar.update_to if bar else None):
+                if not line.strip():
+                    continue
+                counts["lines"] += 1
+                try:
+                    if kind is None:
+                        kind = detected_kind(line)
+                    row = convert(line, kind)
+                except BadLine as e:
+                    counts[e.args[0]] += 1
+                    continue
+                if self.subreddits and row["subreddit"].lower() not in self.subreddits:
+                    counts["other subreddits"] += 1
+                    continue
+                if counts["staged"] == 0:  # the first row: the kind is known, check the table now
+                    ensure_table(self.client, self.args.table, kind)
+                    self.create_staging(staging, kind)
+                    first = last = row["created_utc"]
+                first, last = min(first, row["created_utc"]), max(last, row["created_utc"])
+                row["created_utc"] = timestamp_text(row["created_utc"])
+                data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+                chunk.write(data)
+                chunk_bytes += len(data)
+                counts["staged"] += 1
+                if chunk_bytes >= self.args.chunk_mb * 10**6:
+                    staged.append(self.stage(chunk, staging, kind, len(staged)))
+                    chunk, chunk_bytes = tempfile.TemporaryFile(), 0
+                if bar is not None and counts["staged"] % 1000 == 0:
+                    rate = counts["staged"] / max(time.monotonic() - began, 1e-9)
+                    bar.set_postfix_str(f"{counts['staged']:,} rows kept, {rate:,.0f} rows/s", refresh=False)
+            if bar is not None:
+                bar.close()
+            if counts["staged"]:
+                if chunk_bytes:
+                    staged.append(self.stage(chunk, staging, kind, len(staged)))
+                if self.bucket:  # every chunk in Cloud Storage: one load job
+                    self.run_job(self.client.load_table_from_uri(staged, staging, job_config=load_config(kind),
+                                                                 timeout=self.args.timeout))
+                counts["added"] = self.merge(staging, kind, first, last)
+            return kind, counts
+        finally:
+            chunk.close()
+            if bar is not None:
+                bar.close()
+            self.clean_up(staging, staged if self.bucket else [])
+
+    def run_job(self, job):
+        self.job = job
+        job.result(timeout=self.args.timeout)
+        self.job = None
+        return job
+
+    def create_staging(self, staging, kind):
+        from google.cloud import bigquery
+
+        table = bigquery.Table(staging, schema=schema(kind))
+        table.expires = datetime.now(timezone.utc) + timedelta(days=1)  # gone a day later even if we are killed
+        self.client.create_table(table, timeout=self.args.timeout)
+
+    def stage(self, chunk, staging, kind, number):
+        """One NDJSON chunk: loaded into the staging table now, or uploaded for one load job later (its URI)."""
+        size = chunk.tell()
+        chunk.seek(0)
+        with chunk:
+            if self.bucket:
+                name = f"{self.prefix}/{staging.rsplit('.', 1)[1]}-{number:05d}.json"
+                self.bucket.blob(name).upload_from_file(chunk, content_type="application/json",
+                                                        timeout=self.args.timeout)
+                return f"gs://{self.bucket.name}/{name}"
+            self.run_job(self.client.load_table_from_file(chunk, staging, job_config=load_config(kind),
+                                                                timeout=self.args.timeout))
+        if not self.args.quiet:
+            from tqdm import tqdm
+            tqdm.write(f"  staged chunk {number + 1} ({size / 10**6:,.1f} MB)", file=sys.stderr)
+        return None
+
+    def merge(self, staging, kind, first, last):
+        """Insert the staged rows the table lacks; return how many. One statement: all or nothing."""
+        from google.cloud import bigquery
+
+        config = bigquery.QueryJobConfig(query_parameters=[
+            bigquery.ScalarQueryParameter("first", "TIMESTAMP", datetime.fromtimestamp(first, timezone.utc)),
+            bigquery.ScalarQueryParameter("last", "TIMESTAMP", datetime.fromtimestamp(last, timezone.utc))])
+        job = self.run_job(self.client.query(merge_sql(self.args.table, staging, kind), job_config=config,
+                                             timeout=self.args.timeout))
+        return job.num_dml_affected_rows or 0
+
+    def clean_up(self, staging, uris):
+        if self.job is not None:  # interrupted: stop what runs (a MERGE, if it was one, is atomic anyway)
+            try:
+                self.job.cancel(timeout=10)
+            except Exception:  # noqa: BLE001 - finished or unreachable: nothing to stop
+                pass
+            self.job = None
+        self.client.delete_table(staging, not_found_ok=True, timeout=self.args.timeout)
+        for uri in uris:
+            self.bucket.blob(uri.split("/", 3)[3]).delete(timeout=self.args.timeout)
+
+    def progress_bar(self, path):
+        """A bar over the compressed bytes read, with an estimate of the time left; None with --quiet."""
+        if self.args.quiet:
+            return None
+        from tqdm import tqdm
+
+        bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=path.name, file=sys.stderr)
+        bar.update_to = lambda n: bar.update(n - bar.n)
+        return bar
+
+
+def detected_kind(line):
+    """comments or posts, from the first record of a file (BadLine when it is neither)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        raise BadLine("not JSON") from None
+    if not isinstance(record, dict):
+        raise BadLine("not an object")
+    if "body" in record:
+        return "comments"
+    if "title" in record:
+        return "posts"
+    raise BadLine("missing field")
+
+
+def load_config(kind):
+    from google.cloud import bigquery
+    return bigquery.LoadJobConfig(source_format=bigquery.SourceFormat.NEWLINE_DELIMITED_JSON, schema=schema(kind),
+                                  write_disposition=bigquery.WriteDisposition.WRITE_APPEND)
+
+
+def summary_lines(path, kind, counts):
+    width = 28
+    lines = [f"{path}: {kind or 'nothing loadable'}",
+             f"  {'lines':<{width}}{counts['lines']:>12,}"]
+    lines += [f"  {'bad: ' + rule:<{width}}{counts[rule]:>12,}" for rule in BAD_RULES]
+    lines += [f"  {'skipped: other subreddits':<{width}}{counts['other subreddits']:>12,}",
+              f"  {'staged':<{width}}{counts['staged']:>12,}",
+              f"  {'added to the table':<{width}}{counts['added']:>12,}",
+              f"  {'already there or repeated':<{width}}{counts['staged'] - counts['added']:>12,}"]
+    return lines
+
+
+def main(argv=None):
+    from google.api_core import exceptions as api_exceptions
+    from google.auth import exceptions as auth_exceptions
+
+    args = parse_args(argv)
+    path = None
+    try:
+        loader = Loader(args)
+        for path in args.files:
+            kind, counts = loader.load_file(path)
+            print("\n".join(summary_lines(path, kind, counts)), flush=True)
+    except UsageError as e:
+        unchanged = f"; nothing from {path} was loaded" if path and str(path) in str(e) else ""
+        print(f"error: {e}{unchanged}", file=sys.stderr)
+        return 1
+    except (api_exceptions.GoogleAPIError, auth_exceptions.GoogleAuthError, OSError) as e:
+        print(f"error: BigQuery: {cloud_error_line(e, args.timeout)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; {args.table} is as it was before the file being loaded", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

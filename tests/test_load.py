@@ -1,0 +1,302 @@
+"""`python -m data.load` on dump files made here the way the archives are (zstandard with a 2 GiB window,
+which a default decoder refuses), into a real BigQuery emulator (bqemulator): the exact rows, the
+per-rule counts of bad lines, re-loading adds nothing, a corrupt, truncated or interrupted file leaves
+the table as it was, and --staging through a real Cloud Storage emulator whose files bqemulator reads.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from data import load
+from data.emulator import Emulator, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = "load-project"
+AITA = "AmItheAsshole"
+
+
+def write_dump(path, lines, frames=1):
+    """lines (str or bytes) as a dump file: NDJSON in `frames` zstd frames written with window_log 31.
+
+    Streamed frames do not record their size, so the decoder must reserve the whole 2 GiB window:
+    zstd's default limit (2**27) refuses them, as it refuses the real archives without --long=31.
+    Frames are cut at byte positions, so a frame may end inside a line or inside a UTF-8 character.
+    """
+    data = b"".join(line if isinstance(line, bytes) else line.encode("utf-8") + b"\n" for line in lines)
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=31, enable_ldm=True)
+    cuts = [len(data) * i // frames for i in range(frames + 1)]
+    with open(path, "wb") as f:
+        for start, end in zip(cuts, cuts[1:]):
+            with zstandard.ZstdCompressor(compression_params=params).stream_writer(f, closefd=False) as writer:
+                writer.write(data[start:end])
+    return Path(path)
+
+
+def comment(i, body, subreddit=AITA, created=1546300800, **extra):
+    return {"id": f"c{i}", "subreddit": subreddit, "author": f"user{i}", "body": body, "score": i,
+            "created_utc": created, "link_id": "t3_p1", "parent_id": "t3_p1", **extra}
+
+
+def ts(seconds):
+    return datetime.fromtimestamp(seconds, timezone.utc)
+
+
+GOOD_COMMENTS = [
+    comment(1, "YTA, plain ASCII."),
+    comment(2, "NTA caf\u00e9 \u20ac \U0001F600 \u4f60\u597d", created="1548979200"),  # created_utc as a string
+    comment(3, "[deleted]", author="[deleted]"),                                           # kept: extract drops it
+    comment(4, "[removed]", subreddit="AskReddit", created=1551398400.5),
+    comment(5, "Unknown fields are ignored.", gildings={"gid_1": 1}, edited=False, all_awardings=[]),
+]
+BAD_LINES = [
+    "{not json",
+    b"\xff\xfe not UTF-8\n",
+    "[1, 2, 3]",
+    json.dumps({k: v for k, v in comment(6, "no author").items() if k != "author"}),
+    json.dumps(comment(7, "score as text", score="12")),
+    json.dumps(comment(8, "a date", created="yesterday")),
+    json.dumps(comment(9, "a boolean score", score=True)),
+]
+EXPECTED_COMMENTS = [  # as stored: created_utc a TIMESTAMP, missing optional fields null
+    ("c1", AITA, "user1", "YTA, plain ASCII.", 1, ts(1546300800), "t3_p1", "t3_p1"),
+    ("c2", AITA, "user2", "NTA caf\u00e9 \u20ac \U0001F600 \u4f60\u597d", 2, ts(1548979200), "t3_p1", "t3_p1"),
+    ("c3", AITA, "[deleted]", "[deleted]", 3, ts(1546300800), "t3_p1", "t3_p1"),
+    ("c4", "AskReddit", "user4", "[removed]", 4, ts(1551398400.5), "t3_p1", "t3_p1"),
+    ("c5", AITA, "user5", "Unknown fields are ignored.", 5, ts(1546300800), "t3_p1", "t3_p1"),
+]
+
+
+@pytest.fixture(scope="module")
+def storage_dir(tmp_path_factory):
+    """gcp-storage-emulator storing objects as files under storage_dir/gcs/BUCKET/OBJECT, the layout
+    bqemulator reads gs:// URIs from (BQEMU_GCS_LOCAL_ROOT); yields (url, storage_dir / "gcs")."""
+    base = tmp_path_factory.mktemp("gcs")
+    port = free_port()
+    log = (base / "storage.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=base, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "STORAGE_BASE": str(base), "STORAGE_DIR": "gcs"})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (base / "storage.log").read_text()
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}", base / "gcs"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def bigquery(tmp_path_factory, storage_dir):
+    root = storage_dir[1]
+    root.mkdir(exist_ok=True)
+    with Emulator(log_path=tmp_path_factory.mktemp("bqemulator") / "emulator.log", gcs_root=root) as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="module")
+def comments_file(tmp_path_factory):
+    lines = [json.dumps(c, ensure_ascii=False) for c in GOOD_COMMENTS[:2]] + BAD_LINES \
+        + [json.dumps(c, ensure_ascii=False) for c in GOOD_COMMENTS[2:]]
+    # eight frames cut at byte positions: some cut inside a line, one inside a multi-byte character
+    return write_dump(tmp_path_factory.mktemp("dumps") / "AmItheAsshole_comments.zst", lines, frames=8)
+
+
+def run_load(*args, timeout=120):
+    env = {k: v for k, v in os.environ.items() if k != "BIGQUERY_EMULATOR_HOST"}
+    return subprocess.run([sys.executable, "-m", "data.load", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def figures(stdout):
+    return {label.strip(): int(number.replace(",", "")) for label, number in
+            (line.rsplit(None, 1) for line in stdout.splitlines() if line.startswith("  "))}
+
+
+def rows(bigquery, table, columns="*"):
+    result = bigquery.client(PROJECT).query(f"SELECT {columns} FROM `{table}` ORDER BY id").result()
+    return [tuple(row.values()) for row in result]
+
+
+def tables(bigquery, dataset):
+    return sorted(t.table_id for t in bigquery.client(PROJECT).list_tables(f"{PROJECT}.{dataset}"))
+
+
+def test_test_files_need_the_long_window(comments_file):
+    with pytest.raises(zstandard.ZstdError, match="too much memory"):
+        zstandard.ZstdDecompressor().stream_reader(comments_file.open("rb")).read(100)
+    frames = zstandard.get_frame_parameters(comments_file.read_bytes())
+    assert frames.window_size == 2**31
+
+
+def test_lines_survive_every_read_boundary(comments_file, monkeypatch):
+    """Reading 5 compressed bytes at a time puts a read boundary inside every character and frame."""
+    expected = list(load.dump_lines(comments_file))
+    monkeypatch.setattr(load, "READ_SIZE", 5)
+    assert list(load.dump_lines(comments_file)) == expected
+    assert expected[1] == json.dumps(GOOD_COMMENTS[1], ensure_ascii=False).encode("utf-8")
+    assert len(expected) == len(GOOD_COMMENTS) + len(BAD_LINES)
+
+
+def test_load_comments_exact_rows_partitioned_table_and_reload(bigquery, comments_file):
+    table = f"{PROJECT}.reddit.comments"
+    result = run_load(comments_file, "--table", table, "--endpoint", bigquery.url)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout.splitlines()[0] == f"{comments_file}: comments"
+    assert figures(result.stdout) == {
+        "lines": 12, "bad: not JSON": 2, "bad: not an object": 1, "bad: missing field": 1, "bad: wrong type": 3,
+        "skipped: other subreddits": 0, "staged": 5, "added to the table": 5, "already there or repeated": 0}
+    assert rows(bigquery, table) == EXPECTED_COMMENTS
+    created = bigquery.client(PROJECT).get_table(table)
+    assert (created.time_partitioning.type_, created.time_partitioning.field) == ("MONTH", "created_utc")
+    assert created.clustering_fields == ["subreddit"]
+
+    again = run_load(comments_file, "--table", table, "--endpoint", bigquery.url, "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert figures(again.stdout)["added to the table"] == 0
+    assert figures(again.stdout)["already there or repeated"] == 5
+    assert rows(bigquery, table) == EXPECTED_COMMENTS
+    assert tables(bigquery, "reddit") == ["comments"]  # no staging table left behind
+
+
+POSTS = [
+    {"id": "p1", "subreddit": "AmItheAsshole", "author": "op1", "title": "AITA for skipping the wedding?",
+     "selftext": "It was my sister's.", "score": 120, "num_comments": 45, "over_18": False, "created_utc": 1546300800},
+    {"id": "p2", "subreddit": "amitheasshole", "author": "op2", "title": "WIBTA if I sold the car?",
+     "selftext": "", "score": 7, "created_utc": "1546387200"},                         # no num_comments, over_18
+    {"id": "p3", "subreddit": "AskReddit", "author": "op3", "title": "What is your favourite soup?",
+     "selftext": "", "score": 3000, "num_comments": 900, "over_18": False, "created_utc": 1546473600},
+    {"id": "p1", "subreddit": "AmItheAsshole", "author": "op1", "title": "AITA for skipping the wedding?",
+     "selftext": "It was my sister's.", "score": 120, "num_comments": 45, "over_18": False, "created_utc": 1546300800},
+]
+
+
+def test_load_posts_one_subreddit_repeated_line_staging_in_cloud_storage(bigquery, storage_dir, tmp_path,
+                                                                          monkeypatch):
+    from google.cloud import storage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", storage_dir[0])  # for us and for data.load
+    if True:
+        storage.Client(project=PROJECT).create_bucket("staging-bucket")
+        dump = write_dump(tmp_path / "RS_2019-01.zst", [json.dumps(p) for p in POSTS])
+        table = f"{PROJECT}.reddit.posts"
+        result = run_load(dump, "--table", table, "--endpoint", bigquery.url, "--subreddit", "AMITHEASSHOLE",
+                          "--staging", "gs://staging-bucket/reddit/load", "--chunk-mb", "0.0002")
+        assert result.returncode == 0, result.stderr
+        assert figures(result.stdout)["skipped: other subreddits"] == 1
+        assert figures(result.stdout)["staged"] == 3
+        assert figures(result.stdout)["added to the table"] == 2  # p1 appears twice in the file
+        assert rows(bigquery, table) == [
+            ("p1", AITA, "op1", "AITA for skipping the wedding?", "It was my sister's.", 120, 45, False, ts(1546300800)),
+            ("p2", "amitheasshole", "op2", "WIBTA if I sold the car?", "", 7, None, None, ts(1546387200)),
+        ]
+        # three chunks were uploaded and read by one load job, then deleted
+        assert list(storage.Client(project=PROJECT).list_blobs("staging-bucket")) == []
+
+
+def test_detected_kind_must_fit_the_table(bigquery, comments_file, tmp_path):
+    table = f"{PROJECT}.kinds.posts"
+    dump = write_dump(tmp_path / "RS.zst", [json.dumps(POSTS[0])])
+    assert run_load(dump, "--table", table, "--endpoint", bigquery.url, "--quiet").returncode == 0
+    result = run_load(comments_file, "--table", table, "--endpoint", bigquery.url, "--quiet")
+    assert result.returncode == 1
+    assert result.stderr == (f"error: {table} exists without the comments columns body, link_id, parent_id; "
+                             "load comments into another table\n")
+
+
+def broken_files(tmp_path, comments_file):
+    whole = comments_file.read_bytes()
+    (tmp_path / "truncated.zst").write_bytes(whole[:len(whole) - 40])
+    (tmp_path / "plain.jsonl").write_text(json.dumps(GOOD_COMMENTS[0]) + "\n")
+    (tmp_path / "RC.zst.gz").write_bytes(b"\x1f\x8b\x08" + whole[3:])
+    return len(whole) - 40
+
+
+def test_not_zstd_or_truncated_one_line_table_unchanged(bigquery, comments_file, tmp_path):
+    table = f"{PROJECT}.broken.comments"
+    good = write_dump(tmp_path / "good.zst", [json.dumps(comment(100, "before"))])
+    assert run_load(good, "--table", table, "--endpoint", bigquery.url, "--quiet").returncode == 0
+    size = broken_files(tmp_path, comments_file)
+    cases = {
+        "truncated.zst": f"error: {tmp_path}/truncated.zst: truncated: the file ends at byte {size:,} inside a "
+                         f"zstd frame (download it again); nothing from {tmp_path}/truncated.zst was loaded\n",
+        "plain.jsonl": f"error: {tmp_path}/plain.jsonl: not a zstandard file (byte 0 is not a zstd frame; dump files "
+                       f"end in .zst); nothing from {tmp_path}/plain.jsonl was loaded\n",
+        "RC.zst.gz": f"error: {tmp_path}/RC.zst.gz: not a zstandard file (byte 0 is not a zstd frame; dump files "
+                     f"end in .zst); nothing from {tmp_path}/RC.zst.gz was loaded\n",
+    }
+    for name, message in cases.items():
+        result = run_load(tmp_path / name, "--table", table, "--endpoint", bigquery.url, "--quiet")
+        assert (result.returncode, result.stderr) == (1, message)
+        assert rows(bigquery, table, "id") == [("c100",)]
+    assert tables(bigquery, "broken") == ["comments"]
+
+
+def test_corrupt_frame_names_the_byte_range(tmp_path):
+    data = bytearray(write_dump(tmp_path / "x.zst", [json.dumps(comment(i, "x" * i)) for i in range(200)]).read_bytes())
+    data[40:60] = b"\x00" * 20
+    (tmp_path / "corrupt.zst").write_bytes(bytes(data))
+    with pytest.raises(load.UsageError, match=r"corrupt.zst: corrupt zstandard data between bytes 0 and 65,536"):
+        list(load.dump_lines(tmp_path / "corrupt.zst"))
+
+
+def test_ctrl_c_leaves_the_table_as_before(bigquery, tmp_path):
+    table = f"{PROJECT}.interrupted.comments"
+    first = write_dump(tmp_path / "first.zst", [json.dumps(comment(i, "first")) for i in range(3)])
+    assert run_load(first, "--table", table, "--endpoint", bigquery.url, "--quiet").returncode == 0
+    big = write_dump(tmp_path / "big.zst", [json.dumps(comment(1000 + i, f"comment {i} " * 5)) for i in range(20000)])
+    env = {k: v for k, v in os.environ.items() if k != "BIGQUERY_EMULATOR_HOST"}
+    log = tmp_path / "load.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "data.load", str(big), "--table", table, "--endpoint",
+                                 bigquery.url, "--chunk-mb", "0.05"], cwd=ROOT, env=env, stdout=out, stderr=out)
+        try:
+            deadline = time.monotonic() + 60
+            while "staged chunk 3" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 130
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert text.rstrip().endswith(f"interrupted; {table} is as it was before the file being loaded"), text
+    assert "Traceback" not in text
+    assert rows(bigquery, table, "id") == [("c0",), ("c1",), ("c2",)]
+    assert tables(bigquery, "interrupted") == ["comments"]  # the staging table was dropped
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--table", f"{PROJECT}.reddit.comments_*"], "load into one table, not a wildcard"),
+    (["--table", "reddit.comments"], "is not a table name"),
+    (["--table", f"{PROJECT}.reddit.comments", "--subreddit", ""], "--subreddit must not be empty"),
+    (["--table", f"{PROJECT}.reddit.comments", "--kind", "videos"], "invalid choice: 'videos'"),
+    (["--table", f"{PROJECT}.reddit.comments", "--staging", "s3://b/p"], "not a Cloud Storage object URL"),
+])
+def test_bad_arguments_one_line(args, message, comments_file):
+    result = run_load(comments_file, *args)
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def test_missing_file_one_line(tmp_path):
+    result = run_load(tmp_path / "RC_2019-01.zst", "--table", f"{PROJECT}.reddit.comments")
+    assert result.returncode == 2
+    assert result.stderr == (f"python -m data.load: error: {tmp_path}/RC_2019-01.zst: no such file (see --help)\n")
