@@ -5,19 +5,23 @@
         --vocab-size 1000 --dataset corpus.txt --steps 200                    # tiny model, offline
     python -m finetune --dataset corpus.txt --upload gs://bucket/runs/run1    # then copy to GCS
 
-Bad input is one line on stderr and exit status 2; Ctrl-C or SIGTERM saves a checkpoint that
-`--restore-from latest` continues from (exit status 128 + signal number).
+Bad input is one line on stderr and exit status 2; a step it cannot go past (the loss diverged, out
+of memory, disk full) is one line and exit status 1, with the last checkpoint untouched; Ctrl-C or
+SIGTERM saves a checkpoint that `--restore-from latest` continues from (exit status 128 + signal).
 """
 import argparse
 import os
 import signal
 import sys
+import tempfile
 
 from finetune import UsageError
 
 MODELS = ["124M", "355M", "774M", "1558M"]
 DEFAULT_MODEL_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 MODEL_URL_ENV = "GPT2_MODEL_URL"
+REQUIRE_GPU_ENV = "FINETUNE_REQUIRE_GPU"
+RELEASE_N_CTX = 1024  # every GPT-2 release's
 
 
 class Parser(argparse.ArgumentParser):
@@ -71,7 +75,8 @@ def build_parser():
     p = Parser(prog="python -m finetune", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", help="plain text, <|startoftext|>...<|endoftext|> text, or a .npz "
-                   "from gpt_2_simple.encode_dataset (a folder of such files works too)")
+                   "from gpt_2_simple.encode_dataset (a folder of such files works too); or a "
+                   "gs://BUCKET/FILE to download first")
     p.add_argument("--model", default="124M", help="GPT-2 release to start from: " + ", ".join(MODELS))
     p.add_argument("--steps", type=int, default=1000, help="training steps in this run (-1: until Ctrl-C)")
     p.add_argument("--run-name", default="run1", help="run folder name under --checkpoint-dir")
@@ -80,6 +85,9 @@ def build_parser():
     p.add_argument("--batch-size", type=positive_int, default=1, help="windows per batch")
     p.add_argument("--accumulate-gradients", type=positive_int, default=5,
                    help="batches per optimizer step (gpt-2-simple's default)")
+    p.add_argument("--window", type=positive_int, default=None,
+                   help="tokens per training window (default: the model's n_ctx, 1024 for GPT-2); "
+                   "comments are short, and 256 costs about a quarter per step")
     p.add_argument("--sample-every", type=non_negative_int, default=200,
                    help="write samples to RUN/samples/samples-N every N steps (0: never)")
     p.add_argument("--sample-length", type=positive_int, default=200, help="tokens per sample")
@@ -101,11 +109,15 @@ def build_parser():
     p.add_argument("--vocab-size", type=positive_int, default=1000,
                    help="--from-scratch: upper bound of the tokenizer's vocabulary")
     p.add_argument("--n-ctx", type=positive_int, default=1024,
-                   help="--from-scratch: positions; training windows are min(1024, n_ctx) tokens")
+                   help="--from-scratch: positions (and the default --window)")
     p.add_argument("--upload", type=gs_url, metavar="gs://BUCKET/PREFIX",
-                   help="copy the finished run folder to Cloud Storage")
+                   help="copy the run folder to Cloud Storage after every checkpoint and at the end; "
+                   "with no local run to continue, a run already there is fetched and continued")
     p.add_argument("--download", type=gs_url, metavar="gs://BUCKET/PREFIX",
                    help="fetch a run (into RUN) or a GPT-2 release (into --model-dir/MODEL) first")
+    p.add_argument("--require-gpu", action="store_true",
+                   default=os.environ.get(REQUIRE_GPU_ENV) == "1",
+                   help=f"stop at once if TensorFlow sees no GPU (env {REQUIRE_GPU_ENV}=1)")
     return p
 
 
@@ -124,6 +136,11 @@ def validate(args):
                              "<|endoftext|> need at least 258")
         if args.n_ctx < 16:
             raise UsageError(f"--n-ctx {args.n_ctx} is too small (at least 16)")
+    n_ctx = args.n_ctx if args.from_scratch else RELEASE_N_CTX  # a resumed run is checked on loading
+    if args.window is not None and args.window > n_ctx:
+        raise UsageError(f"--window {args.window} is above the model's n_ctx {n_ctx}")
+    if args.window == 1:
+        raise UsageError("--window 1 is too small: a window predicts its tokens from the ones before")
     if args.steps == 0 or args.steps < -1:
         raise UsageError(f"--steps must be a positive number of steps or -1, not {args.steps}")
     if not args.model_url.startswith(("http://", "https://")):
@@ -134,6 +151,8 @@ def validate(args):
     if args.dataset is None:
         if not (args.upload or args.download):
             raise UsageError("--dataset is required (the text to fine-tune on)")
+    elif args.dataset.startswith("gs://"):
+        gs_url(args.dataset)
     else:
         check_dataset(args.dataset)
 
@@ -145,10 +164,25 @@ def check_dataset(path):
         os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
     if not any(os.path.getsize(f) for f in files):
         raise UsageError(f"dataset {path} is empty")
-    if len(files) == 1 and not files[0].endswith(".npz") and os.path.getsize(files[0]) < (1 << 20):
+    texts = [f for f in files if not f.endswith(".npz")]
+    for name in texts[:100]:
+        check_text(name, path)
+    if len(files) == 1 and texts and os.path.getsize(files[0]) < (1 << 20):
         with open(files[0], encoding="utf-8", errors="ignore") as f:
             if not f.read().strip():
                 raise UsageError(f"dataset {path} is empty (only whitespace)")
+
+
+def check_text(name, dataset):
+    """Refuse a file that is mostly not UTF-8 text (a binary file, an image, UTF-16): gpt-2-simple
+    would silently drop what it cannot decode and train on the crumbs."""
+    with open(name, "rb") as f:
+        head = f.read(1 << 20)
+    text = head.decode("utf-8", errors="replace")
+    bad = sum(text.count(c) for c in "\ufffd\x00")
+    if text and bad > 0.1 * len(text):
+        raise UsageError(f"dataset {dataset} is not text: {bad / len(text):.0%} of the start of "
+                         f"{name} is not UTF-8 (a binary file?)")
 
 
 def raise_keyboard_interrupt(signum, frame):
@@ -167,31 +201,59 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: nothing saved", file=sys.stderr)
+        print("interrupted: stopped without saving (a checkpoint saved before is intact)", file=sys.stderr)
         return 130
+
 
 
 def run(args):
     # Until the training loop takes over signals, SIGTERM unwinds like Ctrl-C so that work
     # folders are cleaned up.
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    if args.require_gpu:
+        from finetune import train
+        train.require_gpu()  # in the first seconds, not after hours billed for a GPU
+    from finetune.files import run_lock
+    with run_lock(args.checkpoint_dir, args.run_name):
+        if not (args.dataset or "").startswith("gs://"):
+            return run_locked(args)
+        with tempfile.TemporaryDirectory(prefix=".dataset-", dir=args.checkpoint_dir) as tmp:
+            from finetune import gcs
+            local = os.path.join(tmp, os.path.basename(args.dataset) or "dataset")
+            gcs.download_file(args.dataset, local)
+            check_dataset(local)
+            args.dataset = local
+            return run_locked(args)
+
+
+def run_locked(args):
     run_dir = os.path.join(args.checkpoint_dir, args.run_name)
+    after_save = None
     if args.upload:
         from finetune import gcs
         gcs.check_bucket(args.upload)  # fail before hours of training, not after
+        after_save = upload_after_save(args.upload)
+        if (args.restore_from == "latest" and args.dataset and not args.download
+                and not os.path.isfile(os.path.join(run_dir, "checkpoint")) and gcs.holds_run(args.upload)):
+            print(f"Continuing the run at {args.upload}")  # a re-run or a retried cloud task
+            gcs.download(args.upload, run_dir=run_dir, model_dir=os.path.join(args.model_dir, args.model))
     if args.download:
         from finetune import gcs
         gcs.download(args.download, run_dir=run_dir, model_dir=os.path.join(args.model_dir, args.model))
     if args.dataset:
         from finetune import export, train
         try:
-            train.run(args)
+            train.run(args, after_save=after_save)
+        except train.TrainingFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         except train.Interrupted as stop:
             if not stop.saved:
                 print(f"{stop}: stopped before the first step, nothing saved", file=sys.stderr)
                 return 128 + stop.signum
             export.export(run_dir)
-            print(f"{stop}: saved {export.latest_checkpoint_name(run_dir)} in {run_dir}; "
+            where = f"{run_dir} and {args.upload}" if args.upload else run_dir
+            print(f"{stop}: saved {export.latest_checkpoint_name(run_dir)} in {where}; "
                   "continue with --restore-from latest", file=sys.stderr)
             return 128 + stop.signum
         try:
@@ -203,6 +265,19 @@ def run(args):
         from finetune import gcs
         gcs.upload(run_dir, args.upload)
     return 0
+
+
+def upload_after_save(url):
+    """After each checkpoint, copy the run to url, so that a task stopped later resumes from there.
+    A failed upload is a warning: training goes on, and the upload at the end tries again."""
+    def upload(run_dir):
+        from finetune import gcs
+        from tqdm import tqdm
+        try:
+            gcs.upload(run_dir, url)
+        except UsageError as e:
+            tqdm.write(f"warning: {e}; training goes on", file=sys.stderr)
+    return upload
 
 
 if __name__ == "__main__":

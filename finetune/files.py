@@ -1,4 +1,7 @@
-"""Writes that never leave a half-written file or folder behind: write aside, then rename."""
+"""Writes that never leave a half-written file or folder behind (write aside, then rename), and
+the lock that keeps two processes out of one run folder."""
+import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -55,3 +58,36 @@ def pid_alive(text):
     except PermissionError:
         return True
     return True
+
+
+@contextlib.contextmanager
+def run_lock(parent, name):
+    """Hold parent/.name.lock for the life of the block; refuse (UsageError) when another process
+    holds it. The file goes away on release; a lock left by a killed process is free again at once
+    (the kernel drops flock locks with their process)."""
+    from finetune import UsageError
+
+    os.makedirs(parent, exist_ok=True)
+    path = os.path.join(parent, f".{name}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UsageError(f"another process (pid {holder}) is using {os.path.join(parent, name)}: "
+                             "wait for it to finish or stop it") from None
+        try:  # the holder may have removed the file just before we locked it: lock the new one
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)

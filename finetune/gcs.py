@@ -93,9 +93,14 @@ def upload(run_dir, url):
         bucket = client().lookup_bucket(name)
         if bucket is None:
             raise UsageError(f"bucket gs://{name} does not exist")
+        # Files already there with the same CRC32C are not sent again: a run uploaded after every
+        # checkpoint re-sends only what changed.
+        there = {b.name: b.crc32c for b in bucket.list_blobs(prefix=f"{prefix}/" if prefix else None)}
         for rel in files:
             path = os.path.join(run_dir, rel)
             blob = bucket.blob(f"{prefix}/{rel}" if prefix else rel)
+            if there.get(blob.name) == checksums(path)[0] and rel != "checkpoint":
+                continue
             for attempt in range(1, ATTEMPTS + 1):
                 blob.upload_from_filename(path, checksum="crc32c")
                 blob.reload()
@@ -105,10 +110,39 @@ def upload(run_dir, url):
                 if attempt == ATTEMPTS:
                     raise UsageError(f"upload of {path} failed its integrity check: {problem}")
         wanted = {f"{prefix}/{rel}" if prefix else rel for rel in files}
-        for blob in bucket.list_blobs(prefix=f"{prefix}/" if prefix else None):
-            if blob.name not in wanted:
-                blob.delete()
+        for name in there.keys() - wanted:
+            bucket.blob(name).delete()
     print(f"Uploaded {len(files)} files from {run_dir} to {url}")
+
+
+def holds_run(url):
+    """Whether url holds a run folder (its `checkpoint` object)."""
+    name, prefix = split_url(url)
+    with cloud_errors(f"cannot read {url}"):
+        bucket = client().lookup_bucket(name)
+        if bucket is None:
+            raise UsageError(f"bucket gs://{name} does not exist")
+        return bucket.get_blob(f"{prefix}/checkpoint" if prefix else "checkpoint") is not None
+
+
+def download_file(url, path):
+    """Fetch one object (e.g. a corpus) to path, checksums checked."""
+    name, key = split_url(url)
+    with cloud_errors(f"cannot download {url}"):
+        bucket = client().lookup_bucket(name)
+        if bucket is None:
+            raise UsageError(f"bucket gs://{name} does not exist")
+        blob = bucket.get_blob(key) if key else None
+        if blob is None:
+            raise UsageError(f"{url} does not exist")
+        for attempt in range(1, ATTEMPTS + 1):
+            blob.download_to_filename(path, checksum=None)  # verified below, both sums
+            problem = mismatch(blob, path)
+            if problem is None:
+                break
+            if attempt == ATTEMPTS:
+                raise UsageError(f"download of {url} failed its integrity check: {problem}")
+    print(f"Downloaded {url} ({blob.size:,} bytes)")
 
 
 def run_files(run_dir):

@@ -10,8 +10,10 @@ stop cleanly on SIGTERM, or train models with fewer than 1024 positions.
 import csv
 import io
 import json
+import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -36,6 +38,12 @@ tf.compat.v1.disable_eager_execution()
 tf.get_logger().setLevel("ERROR")  # TF's deprecation notices are not news to the user
 
 TOKENIZER_FILES = ["hparams.json", "encoder.json", "vocab.bpe"]
+ESTIMATE_AFTER = 3  # steps before the time-left estimate (the first one is not typical)
+
+
+class TrainingFailed(Exception):
+    """Training stopped on an error it cannot go past (a diverged loss, memory, disk); nothing was
+    saved after the last good checkpoint. Printed as one line, exit status 1."""
 
 
 class Interrupted(Exception):
@@ -65,24 +73,112 @@ def read_text(path):
     return "<|endoftext|>".join(parts)
 
 
-def start_session():
-    """The session gpt_2_simple.start_tf_sess() makes."""
+def session_config():
+    """The configuration gpt_2_simple.start_tf_sess() uses."""
     config = tf.compat.v1.ConfigProto()
     config.gpu_options.allow_growth = True
     config.graph_options.rewrite_options.layout_optimizer = rewriter_config_pb2.RewriterConfig.OFF
-    return tf.compat.v1.Session(config=config)
+    return config
 
 
-def run(args):
+def start_session():
+    return tf.compat.v1.Session(config=session_config())
+
+
+class Device:
+    """What TensorFlow trains on: the first GPU it sees, else the CPU."""
+
+    def __init__(self):
+        from tensorflow.python.client import device_lib
+        gpus = [d for d in device_lib.list_local_devices(session_config=session_config())
+                if d.device_type == "GPU"]
+        self.gpu = bool(gpus)
+        if gpus:  # physical_device_desc: "device: 0, name: NVIDIA L4, pci bus id: ..., compute capability: 8.9"
+            fields = dict(f.split(": ", 1) for f in gpus[0].physical_device_desc.split(", ") if ": " in f)
+            self.memory = gpus[0].memory_limit  # what TensorFlow may allocate on it
+            self.name = f"GPU: {fields.get('name', gpus[0].name)}, {self.memory / 2**30:.1f} GiB"
+        else:
+            self.memory = available_memory()
+            self.name = f"CPU, {len(os.sched_getaffinity(0))} threads"
+
+    def __str__(self):
+        return self.name
+
+
+def available_memory():
+    """Bytes this process may still allocate: MemAvailable, or less under a cgroup (container) limit."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def require_gpu():
+    """For jobs billed for a GPU: stop at once, in one line, when TensorFlow sees none."""
+    if not tf.config.list_physical_devices("GPU"):
+        info = tf.sysconfig.get_build_info()
+        built = (f"built for CUDA {info['cuda_version']}, cuDNN {info['cudnn_version']}"
+                 if info.get("is_cuda_build") else "a CPU-only build")
+        raise UsageError(f"a GPU was required (--require-gpu) but TensorFlow {tf.__version__} "
+                         f"({built}) sees none: check the driver with nvidia-smi")
+
+
+def parameter_count(hp):
+    return hp.n_vocab * hp.n_embd + hp.n_ctx * hp.n_embd + hp.n_layer * (12 * hp.n_embd ** 2 + 13 * hp.n_embd)
+
+
+def training_memory(hp, batch_size, window):
+    """Rough bytes one training step needs: weights, Adam's two moments and the gradient
+    accumulator (4 copies of the parameters), plus the activations kept for the backward pass
+    (per token and layer ~34 values of n_embd and 5 attention maps, Korthikanti et al. 2022, in
+    float32) and the logits with their softmax and gradient."""
+    per_token = hp.n_layer * (34 * hp.n_embd + 5 * hp.n_head * window) * 2 + 3 * hp.n_vocab * 4
+    return 16 * parameter_count(hp) + batch_size * window * per_token
+
+
+def duration(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min"
+    return f"{seconds} s"
+
+
+def faster_options(device, n_params, seconds_left, args, window):
+    """The one-line hint for a long CPU run of a real-sized model, or None."""
+    if device.gpu or n_params < 100e6 or seconds_left <= 3600:
+        return None
+    options = ["a GPU (make setup-gpu)", "a Cloud Run GPU job (python -m finetune.cloud)"]
+    if args.accumulate_gradients > 1:
+        options.append(f"--accumulate-gradients 1 (1/{args.accumulate_gradients} the windows per step)")
+    if window > 256:
+        options.append(f"--window 256 (about 1/{window // 256} the time per step)")
+    return "Faster: " + ", ".join(options)
+
+
+def run(args, after_save=None):
     """Fine-tune per the parsed command line; return the run folder. Raises Interrupted after a
-    Ctrl-C/SIGTERM save."""
+    Ctrl-C/SIGTERM save, TrainingFailed when it cannot go on. after_save(run_dir) runs after
+    every checkpoint (e.g. an upload)."""
     run_dir = os.path.abspath(os.path.join(args.checkpoint_dir, args.run_name))
     latest = tf.train.latest_checkpoint(run_dir) if args.restore_from == "latest" else None
     if latest:
         # Resume in place: every write below is a new file or an atomic replace, and the Saver
         # deletes the previous checkpoint only after the new one is complete.
         check_resume_shape(run_dir, args)
-        return Trainer(args, run_dir, work_dir=run_dir, init_from=latest).train()
+        return Trainer(args, run_dir, work_dir=run_dir, init_from=latest, after_save=after_save).train()
 
     # A new run (or --restore-from fresh) is built in a hidden work folder that takes the run's
     # name at its first complete checkpoint; a failure before that leaves nothing behind.
@@ -100,7 +196,7 @@ def run(args):
             for name in TOKENIZER_FILES:
                 shutil.copyfile(os.path.join(base, name), os.path.join(work_dir, name))
             init_from = tf.train.latest_checkpoint(base)
-        return Trainer(args, run_dir, work_dir=work_dir, init_from=init_from).train()
+        return Trainer(args, run_dir, work_dir=work_dir, init_from=init_from, after_save=after_save).train()
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)  # gone already once promoted
 
@@ -129,8 +225,9 @@ def write_scratch_files(args, work_dir):
 
 
 class Trainer:
-    def __init__(self, args, run_dir, work_dir, init_from):
+    def __init__(self, args, run_dir, work_dir, init_from, after_save=None):
         self.args = args
+        self.after_save = after_save
         self.run_dir = run_dir
         self.dir = work_dir  # becomes run_dir once promoted
         self.init_from = init_from
@@ -142,8 +239,18 @@ class Trainer:
         args = self.args
         self.enc = encoder.get_encoder(self.dir)
         self.hparams = read_hparams(self.dir)
-        # gpt-2-simple trains on 1024-token windows; a smaller model gets windows of its n_ctx.
-        self.window = min(1024, self.hparams.n_ctx)
+        n_ctx = self.hparams.n_ctx
+        self.window = args.window or n_ctx  # gpt-2-simple's windows are n_ctx (1024) tokens
+        if self.window > n_ctx:
+            raise UsageError(f"--window {self.window} is above the model's n_ctx {n_ctx}")
+        self.device = Device()
+        print(f"Training on {self.device}")
+        needed = training_memory(self.hparams, args.batch_size, self.window)
+        if needed > self.device.memory:
+            raise UsageError(
+                f"--batch-size {args.batch_size} of {self.window}-token windows needs about "
+                f"{needed / 2**30:.1f} GiB and {self.device.name.split(',')[0]} has "
+                f"{self.device.memory / 2**30:.1f} GiB free: use a smaller --batch-size or --window")
         print(f"Loading dataset {args.dataset}")
         try:
             chunks = load_dataset(self.enc, args.dataset, combine=50000)
@@ -185,6 +292,9 @@ class Trainer:
             grads = tf.gradients(ys=self.loss, xs=all_vars)
             self.opt_apply = opt.apply_gradients(list(zip(grads, all_vars)))
 
+        self.all_finite = tf.reduce_all(input_tensor=[
+            tf.reduce_all(input_tensor=tf.math.is_finite(v)) for v in all_vars])
+        self.n_params = sum(int(np.prod(v.shape)) for v in all_vars)
         # Relative paths in the `checkpoint` file ("model-200"), as in Colab runs: the folder can move.
         self.saver = tf.compat.v1.train.Saver(
             var_list=all_vars, max_to_keep=args.max_checkpoints, save_relative_paths=True)
@@ -202,13 +312,7 @@ class Trainer:
         except (tf.errors.OpError, ValueError) as e:
             raise UsageError(f"cannot load checkpoint {self.init_from}: {first_line(e)}") from None
         if self.dir == self.run_dir:  # resuming: continue the counter and the loss curve
-            counter = os.path.join(self.dir, "counter")
-            if os.path.exists(counter):
-                with open(counter) as f:
-                    text = f.read().strip() or "0"
-                if not text.isdigit():
-                    raise UsageError(f"{counter} holds {text[:20]!r}, not a step number: fix or delete it")
-                self.start = int(text)
+            self.start = checkpoint_step(self.init_from)
             state = tf.train.get_checkpoint_state(self.dir)
             self.saver.recover_last_checkpoints(list(state.all_model_checkpoint_paths))
             self.rows = [r for r in read_loss_csv(self.dir) if r[0] <= self.start]
@@ -231,8 +335,12 @@ class Trainer:
             while end is None or step < end:
                 if self.stop_signal:
                     break
-                loss = self.train_step()
+                loss = self.train_step(step + 1)
                 step += 1
+                if step - self.start == 1:
+                    first_done = time.time()  # the first step also pays for TensorFlow's warm-up
+                if step - self.start == ESTIMATE_AFTER and step != end:
+                    self.estimate((time.time() - first_done) / (ESTIMATE_AFTER - 1), end and end - step)
                 avg = (avg[0] * 0.99 + loss, avg[1] * 0.99 + 1.0)
                 seconds = (time.time() - started) / (step - self.start)
                 self.rows.append((step, loss, avg[0] / avg[1], seconds))
@@ -268,7 +376,34 @@ class Trainer:
         tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
                    "(again to stop without saving)", file=sys.stderr)
 
-    def train_step(self):
+    def estimate(self, seconds_per_step, steps_left):
+        if steps_left is None:
+            tqdm.write(f"{seconds_per_step:.2f} s/step on {self.device}: 1,000 steps take about "
+                       f"{duration(1000 * seconds_per_step)}", file=sys.stderr)
+            return
+        left = steps_left * seconds_per_step
+        tqdm.write(f"About {duration(left)} left: {steps_left} more steps at {seconds_per_step:.2f} s/step "
+                   f"on {self.device}", file=sys.stderr)
+        hint = faster_options(self.device, self.n_params, left, self.args, self.window)
+        if hint:
+            tqdm.write(hint, file=sys.stderr)
+
+    def train_step(self, step):
+        """One optimizer step; its loss. A step that cannot be done raises TrainingFailed."""
+        try:
+            loss = self.run_step()
+        except (MemoryError, tf.errors.ResourceExhaustedError):
+            raise TrainingFailed(
+                f"out of memory at step {step} with --batch-size {self.args.batch_size} and "
+                f"{self.window}-token windows: use a smaller --batch-size or --window; "
+                f"{self.kept()}") from None
+        if not math.isfinite(loss):
+            raise TrainingFailed(
+                f"the loss became {loss} at step {step}: training diverged (try a lower --learning-rate "
+                f"than {self.args.learning_rate:g}); stopped without saving, {self.kept()}") from None
+        return loss
+
+    def run_step(self):
         batch_size = self.args.batch_size
 
         def batch():
@@ -282,17 +417,39 @@ class Trainer:
         _, loss = self.sess.run((self.opt_apply, self.loss), feed_dict={self.context: batch()})
         return float(loss)
 
+    def kept(self):
+        latest = tf.train.latest_checkpoint(self.run_dir) if self.dir == self.run_dir else None
+        return f"{os.path.basename(latest)} in {self.run_dir} is untouched" if latest else "nothing was saved"
+
     # -- outputs -------------------------------------------------------------------------------
     def save(self, step):
-        self.saver.save(self.sess, os.path.join(self.dir, "model"), global_step=step)
-        atomic_write_text(os.path.join(self.dir, "counter"), f"{step}\n")
-        write_loss_files(self.dir, self.rows, run_name=os.path.basename(self.run_dir))
-        if self.dir != self.run_dir:
-            # First complete checkpoint: the work folder becomes the run folder.
-            replace_dir(self.dir, self.run_dir)
-            self.saver.recover_last_checkpoints(
-                [p.replace(self.dir, self.run_dir, 1) for p in self.saver.last_checkpoints])
-            self.dir = self.run_dir
+        """Write checkpoint model-<step>, counter and loss files as one unit: Ctrl-C/SIGTERM wait
+        until it is done. The `checkpoint` file is the commit point (a resume reads the step from
+        the name it holds), so a kill in between leaves the previous checkpoint in charge."""
+        if not self.sess.run(self.all_finite):
+            raise TrainingFailed(f"the weights hold NaN or infinity after step {step}: training diverged "
+                                 f"(try a lower --learning-rate than {self.args.learning_rate:g}); "
+                                 f"stopped without saving, {self.kept()}")
+        signals = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        try:
+            try:
+                self.saver.save(self.sess, os.path.join(self.dir, "model"), global_step=step)
+            except (tf.errors.OpError, ValueError) as e:
+                raise TrainingFailed(f"cannot save model-{step} in {self.dir}: {os_reason(e)}; "
+                                     f"{self.kept()}") from None
+            atomic_write_text(os.path.join(self.dir, "counter"), f"{step}\n")
+            write_loss_files(self.dir, self.rows, run_name=os.path.basename(self.run_dir))
+            if self.dir != self.run_dir:
+                # First complete checkpoint: the work folder becomes the run folder.
+                replace_dir(self.dir, self.run_dir)
+                self.saver.recover_last_checkpoints(
+                    [p.replace(self.dir, self.run_dir, 1) for p in self.saver.last_checkpoints])
+                self.dir = self.run_dir
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+        if self.after_save:
+            self.after_save(self.run_dir)
 
     def write_samples(self, step):
         """Samples as gpt-2-simple writes them (samples-N), but inside the run folder."""
@@ -309,6 +466,22 @@ class Trainer:
         tqdm.write(texts[0][:500])
 
 
+def checkpoint_step(prefix):
+    """The step a checkpoint was saved at, from its name (model-1194 -> 1194), as gpt-2-simple
+    names them; the counter file is only a copy and may lag behind after a kill mid-save."""
+    match = re.search(r"-(\d+)$", prefix)
+    if match:
+        return int(match.group(1))
+    counter = os.path.join(os.path.dirname(prefix), "counter")
+    if not os.path.exists(counter):
+        return 0
+    with open(counter, encoding="utf-8", errors="replace") as f:
+        text = f.read().strip() or "0"
+    if not (text.isascii() and text.isdigit()):
+        raise UsageError(f"{counter} holds {text[:20]!r}, not a step number: fix or delete it")
+    return int(text)
+
+
 def check_token_ids(chunks, n_vocab, path):
     """A .npz holds token ids from whatever encoder made it; ids outside this model's vocabulary
     would stop TensorFlow with a traceback at the first step."""
@@ -317,6 +490,15 @@ def check_token_ids(chunks, n_vocab, path):
                 chunk.size and not 0 <= chunk.min() <= chunk.max() < n_vocab):
             raise UsageError(f"dataset {path} does not hold token ids of this model's vocabulary "
                              f"(0 to {n_vocab - 1}): encode it with this run's encoder.json")
+
+
+def os_reason(error):
+    """The operating system's reason inside a TensorFlow error ("No space left on device"), which
+    TensorFlow buries under "Graph execution error:" and a node trace."""
+    text = getattr(error, "message", None) or str(error)
+    match = re.search(r"No space left on device|Disk quota exceeded|Permission denied|Read-only file system|"
+                      r"File too large", text)
+    return match.group(0) if match else first_line(error)
 
 
 def first_line(error):
