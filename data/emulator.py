@@ -1,9 +1,10 @@
-"""A local BigQuery emulator (bqemulator) with Reddit-comment tables, for the tests and the demo.
+"""A local BigQuery emulator (bqemulator) with Reddit tables, for the tests and the demo.
 
     python -m data.emulator [--port 9050]
 
-starts it with the bundled sample (data/sample/comments.jsonl.gz) as fh-bigquery.reddit_comments.2018_12,
-2019_01 and 2019_02, prints how to point `python -m data.extract` at it, and runs until Ctrl-C.
+starts it, loads the bundled sample dump files (data/sample/reddit_comments.zst and
+reddit_submissions.zst) with data.load into demo-project.reddit.comments and demo-project.reddit.posts,
+prints how to point `python -m data.extract` at it, and runs until Ctrl-C.
 
 bqemulator loads DuckDB's spatial extension at start-up and would download it; PyPI's
 duckdb-extension-spatial package carries the file, which install_spatial() installs first, so
@@ -13,8 +14,6 @@ What the emulator does not model (see the notes in extract.py's output): a dry r
 0 bytes (no cost model) and maximum_bytes_billed is accepted but never enforced.
 """
 import argparse
-import gzip
-import json
 import os
 import signal
 import socket
@@ -23,12 +22,12 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections import defaultdict
 from pathlib import Path
 
-SAMPLE = Path(__file__).with_name("sample") / "comments.jsonl.gz"
-SAMPLE_DATASET = "fh-bigquery.reddit_comments"
-# The columns of fh-bigquery.reddit_comments that the sample fills (the public tables have more).
+SAMPLE_DIR = Path(__file__).with_name("sample")
+SAMPLE_PROJECT = "demo-project"
+SAMPLE = {SAMPLE_DIR / "reddit_comments.zst": "reddit.comments", SAMPLE_DIR / "reddit_submissions.zst": "reddit.posts"}
+# The columns of fh-bigquery.reddit_comments (the layout before dump files) that create_table's callers fill.
 SCHEMA = [("id", "STRING"), ("author", "STRING"), ("subreddit", "STRING"), ("body", "STRING"),
           ("score", "INTEGER"), ("created_utc", "INTEGER")]
 
@@ -148,14 +147,15 @@ class Emulator:
                 raise RuntimeError(f"inserting into {table_id} failed: {errors[:3]}")
         return table_id
 
-    def load_sample(self, path=SAMPLE, dataset=SAMPLE_DATASET):
-        """Load the bundled sample, one table per month; return {table_id: row count}."""
-        by_table = defaultdict(list)
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                by_table[row.pop("table")].append(row)
-        return {self.create_table(f"{dataset}.{name}", rows): len(rows) for name, rows in sorted(by_table.items())}
+    def load_sample(self, project=SAMPLE_PROJECT):
+        """Load the bundled dump files with data.load, as a user loads theirs; return {table_id: rows added}."""
+        from data import load
+
+        added = {}
+        for path, table in SAMPLE.items():
+            args = load.parse_args([str(path), "--table", f"{project}.{table}", "--endpoint", self.url, "--quiet"])
+            added[args.table] = load.Loader(args).load_file(path)[1]["added"]
+        return added
 
 
 def interrupted(signum, frame):
@@ -163,8 +163,10 @@ def interrupted(signum, frame):
 
 
 def main():
+    from data.extract import whole_number
+
     p = argparse.ArgumentParser(prog="python -m data.emulator", description=__doc__.splitlines()[0])
-    p.add_argument("--port", type=int, default=9050)
+    p.add_argument("--port", type=whole_number, default=9050)
     args = p.parse_args()
     if not 0 < args.port < 65536:
         p.error("--port must be from 1 to 65535")
@@ -175,7 +177,7 @@ def main():
                 print(f"{table}: {count:,} rows")
             print(f"BigQuery emulator on {emulator.url} (log {emulator.log_path}). Try:\n"
                   f"  BIGQUERY_EMULATOR_HOST={emulator.url} {os.path.basename(sys.executable)} -m data.extract "
-                  f"--subreddit AmItheAsshole --match '(?i)\\bYTA\\b' --out /tmp/corpus.txt\n"
+                  f"--project {SAMPLE_PROJECT} --subreddit AmItheAsshole --match '(?i)\\bYTA\\b' --out /tmp/corpus.txt\n"
                   "Ctrl-C stops it.", flush=True)
             emulator.process.wait()
     except EmulatorError as e:

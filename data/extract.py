@@ -1,11 +1,15 @@
-"""Build a fine-tuning corpus from Reddit comments in BigQuery.
+"""Build a fine-tuning corpus from Reddit comments or posts in BigQuery, or from Hacker News.
 
-    python -m data.extract --subreddit AmItheAsshole --match '(?i)\\bYTA\\b' --project MY-PROJECT
+    python -m data.extract --project MY-PROJECT --subreddit AmItheAsshole --match '(?i)\\bYTA\\b'
+    python -m data.extract --project MY-PROJECT --kind posts --top 1000 --subreddit A --subreddit B --tag-subreddit
+    python -m data.extract --project MY-PROJECT --source hacker-news --kind posts --min-score 100
 
-Runs data/comments.sql (user values as query parameters) against --table, after a dry run that
-reports the bytes the query will scan and stops above --max-gb. Cleans the rows (HTML entities,
+Reddit comes from a table loaded from dump files with `python -m data.load` (default
+MY-PROJECT.reddit.comments, or .posts), Hacker News from bigquery-public-data.hacker_news.full.
+Runs data/comments.sql, posts.sql or hacker_news.sql (user values as query parameters) after a dry run
+that reports the bytes the query will scan and stops above --max-gb. Cleans the rows (HTML entities,
 U+FFFD, [deleted]/[removed], too short, exact duplicates) and writes one
-<|startoftext|>body<|endoftext|> per comment, gpt-2-simple's format (or --format plain).
+<|startoftext|>text<|endoftext|> per comment or post, gpt-2-simple's format (or --format plain).
 The corpus is written to a temporary file beside --out and renamed only when everything,
 the optional --gcs-out upload included, succeeded: a failed run leaves the previous corpus as it was.
 
@@ -18,12 +22,20 @@ import os
 import re
 import sys
 import tempfile
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-SQL_FILE = Path(__file__).with_name("comments.sql")
-DEFAULT_TABLE = "fh-bigquery.reddit_comments.2019_*"
+SQL_FILES = {("reddit", "comments"): "comments.sql", ("reddit", "posts"): "posts.sql",
+             ("hacker-news", "comments"): "hacker_news.sql", ("hacker-news", "posts"): "hacker_news.sql"}
+HACKER_NEWS_TABLE = "bigquery-public-data.hacker_news.full"
+# With --top: the N highest-scored rows per subreddit (Hacker News: overall), best first.
+TOP = {"reddit": "QUALIFY ROW_NUMBER() OVER (PARTITION BY LOWER(subreddit) ORDER BY score DESC, id) <= @top\n"
+                 "ORDER BY LOWER(subreddit), score DESC, id",
+       "hacker-news": "QUALIFY ROW_NUMBER() OVER (ORDER BY score DESC, id) <= @top\nORDER BY score DESC, id"}
 DEFAULT_EXCLUDED_AUTHORS = ["AutoModerator", "[deleted]"]
 GB = 10**9  # BigQuery reports bytes; --max-gb counts decimal gigabytes
+MAX_LIMIT = 2**32 - 1  # the largest maxResults BigQuery's API takes (a uint32)
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(9999, 12, 31, tzinfo=timezone.utc)
 
 # project.dataset.table, each part as BigQuery allows it (project ids: 6-30 lowercase letters,
 # digits and hyphens, starting with a letter), plus an optional trailing * for a wildcard table.
@@ -54,16 +66,47 @@ def gcs_url(value):
     return value
 
 
-def positive_int(value):
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+def whole_number(value, minimum=None):
+    """value as an int, written in ASCII digits (int() and str.isdigit also take '١٢' or '²')."""
+    if not re.fullmatch(r"-?[0-9]+", value) or (minimum is not None and int(value) < minimum):
+        at_least = f" of at least {minimum}" if minimum is not None else ""
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number{at_least} (digits 0-9)")
     return int(value)
+
+
+def positive_int(value):
+    return whole_number(value, minimum=1)
 
 
 def non_negative_int(value):
-    if not value.isdigit():
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 0")
+    return whole_number(value, minimum=0)
+
+
+def row_limit(value):
+    if positive_int(value) > MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_LIMIT:,}, the most rows BigQuery returns for one query")
     return int(value)
+
+
+def subreddit_name(value):
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty (leave --subreddit out for every subreddit)")
+    return value
+
+
+def date_bound(value):
+    """YYYY-MM or YYYY-MM-DD as (first moment, first moment after), in UTC."""
+    match = re.fullmatch(r"([0-9]{4})-([0-9]{2})(?:-([0-9]{2}))?", value)
+    try:
+        year, month, day = int(match[1]), int(match[2]), int(match[3] or 1)
+        start = datetime(year, month, day, tzinfo=timezone.utc)
+        if match[3]:
+            end = datetime.fromordinal(start.toordinal() + 1).replace(tzinfo=timezone.utc)
+        else:
+            end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
+    except (TypeError, ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a date like 2019-01 or 2019-01-31") from None
+    return start, end
 
 
 def positive_float(value):
@@ -84,22 +127,38 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_args(argv=None):
     p = OneLineParser(
         prog="python -m data.extract",
-        description="Build a gpt-2-simple corpus from Reddit comments in BigQuery.")
-    p.add_argument("--table", type=table_name, default=DEFAULT_TABLE,
-                   help=f"project.dataset.table; a trailing * queries every table with that prefix (default {DEFAULT_TABLE})")
-    p.add_argument("--subreddit", help="keep comments from this subreddit only (case-insensitive), e.g. AmItheAsshole")
-    p.add_argument("--match", help=r"keep comments whose body matches this RE2 regex, e.g. '(?i)\bYTA\b'")
+        description="Build a gpt-2-simple corpus from Reddit comments or posts in BigQuery, or from Hacker News.")
+    p.add_argument("--source", choices=["reddit", "hacker-news"], default="reddit",
+                   help=f"reddit: a table loaded with `python -m data.load` (default); hacker-news: {HACKER_NEWS_TABLE}")
+    p.add_argument("--kind", choices=["comments", "posts"], default="comments",
+                   help="comments (default), or posts: each post's title (Hacker News: stories)")
+    p.add_argument("--with-selftext", action="store_true", help="posts: the post's text under its title")
+    p.add_argument("--table", type=table_name,
+                   help="project.dataset.table; a trailing * queries every table with that prefix (default: "
+                        f"PROJECT.reddit.comments or PROJECT.reddit.posts, as data.load's examples; {HACKER_NEWS_TABLE} "
+                        "with --source hacker-news)")
+    p.add_argument("--subreddit", action="append", type=subreddit_name, metavar="NAME",
+                   help="keep this subreddit only (case-insensitive), e.g. AmItheAsshole; repeatable (default: all)")
+    p.add_argument("--tag-subreddit", action="store_true",
+                   help="start each text with r/NAME and a new line, so one model writes for several subreddits, "
+                        "chosen at generation time by the prefix")
+    p.add_argument("--match", help=r"keep texts that match this RE2 regex, e.g. '(?i)\bYTA\b'")
+    p.add_argument("--min-score", type=whole_number, metavar="N", help="keep rows scored at least N")
+    p.add_argument("--since", type=date_bound, metavar="YYYY-MM[-DD]", help="keep rows created from this month or day on")
+    p.add_argument("--until", type=date_bound, metavar="YYYY-MM[-DD]", help="keep rows created up to this month or day, included")
+    p.add_argument("--top", type=positive_int, metavar="N",
+                   help="keep the N highest-scored rows per subreddit (Hacker News: overall)")
     p.add_argument("--exclude-author", action="append", metavar="AUTHOR",
-                   help="drop comments by this author; repeatable (default: AutoModerator and [deleted]; "
+                   help="drop rows by this author; repeatable (default: AutoModerator and [deleted]; "
                         "giving any replaces the defaults)")
     p.add_argument("--min-length", type=non_negative_int, default=1,
-                   help="drop comments shorter than this many characters after cleaning (default 1)")
-    p.add_argument("--limit", type=positive_int, help="read at most this many rows from the result (default: all)")
+                   help="drop texts shorter than this many characters after cleaning (default 1)")
+    p.add_argument("--limit", type=row_limit, help=f"read at most this many rows from the result (default: all; at most {MAX_LIMIT:,})")
     p.add_argument("--project", help="Google Cloud project that runs and pays for the query "
                                      "(default: your credentials' project; with an emulator, the table's)")
     p.add_argument("--out", type=Path, default=Path("data/corpus.txt"), help="corpus file (default data/corpus.txt)")
     p.add_argument("--format", choices=["gpt2", "plain"], default="gpt2",
-                   help="gpt2: one <|startoftext|>body<|endoftext|> per comment (default); plain: comments "
+                   help="gpt2: one <|startoftext|>text<|endoftext|> per row (default); plain: texts "
                         "separated by a blank line")
     p.add_argument("--max-gb", type=positive_float, default=10.0,
                    help="stop when the dry run says the query scans more than this many GB (default 10); "
@@ -115,24 +174,61 @@ def parse_args(argv=None):
         args.exclude_author = list(DEFAULT_EXCLUDED_AUTHORS)
     if args.out.is_dir():
         p.error(f"--out {args.out} is a directory; give a file path")
+    if args.with_selftext and args.kind != "posts":
+        p.error("--with-selftext goes with --kind posts")
+    if args.source == "hacker-news":
+        if args.subreddit or args.tag_subreddit:
+            p.error("--subreddit and --tag-subreddit are for --source reddit")
+        if args.kind == "comments" and (args.min_score is not None or args.top):
+            p.error("Hacker News comments have no score: --min-score and --top go with --kind posts")
+        args.table = args.table or HACKER_NEWS_TABLE
+    args.since, args.until = (args.since or (EARLIEST,))[0], (args.until or (None, LATEST))[1]
+    if args.since >= args.until:
+        p.error("--since must come before --until")
     return args
 
 
-def query_text(table):
-    """The SQL of comments.sql with the (already validated) table name in place."""
-    if not TABLE_PATTERN.fullmatch(table):
-        raise UsageError(f"refusing table name {table!r}")
-    return SQL_FILE.read_text(encoding="utf-8").replace("{table}", table)
+def query_text(args, created="created_utc"):
+    """The SQL for --source/--kind with the (already validated) table name and code-chosen parts in place.
+
+    created: the creation time as a TIMESTAMP expression (see table_layout)."""
+    if not TABLE_PATTERN.fullmatch(args.table):
+        raise UsageError(f"refusing table name {args.table!r}")
+    suffix = "AND _TABLE_SUFFIX BETWEEN @suffix_first AND @suffix_last" if args.table.endswith("*") else ""
+    text = Path(__file__).with_name(SQL_FILES[args.source, args.kind]).read_text(encoding="utf-8")
+    sql = "\n".join(line for line in text.splitlines() if not line.startswith("--"))  # the comments name the placeholders
+    return sql.format(table=args.table, created=created, suffix=suffix, top=TOP[args.source] if args.top else "")
 
 
-def job_config(args, dry_run=False):
-    """The query job's settings: user values as parameters, and the bytes-billed cap on the real run."""
+def suffix_range(table, since, until):
+    """The _TABLE_SUFFIX range of a wildcard table of monthly tables named like 2019_01 (fh-bigquery's
+    layout) that covers since..until; the whole range when the names do not follow it. The created_utc
+    filter stays exact either way: this only spares reading other months' tables."""
+    prefix = table.rsplit(".", 1)[1][:-1]
+    first, last = f"{since:%Y_%m}", f"{until - timedelta(microseconds=1):%Y_%m}"  # until is exclusive
+    return (first[len(prefix):] if first.startswith(prefix) else "",
+            last[len(prefix):] if last.startswith(prefix) else "~")
+
+
+def job_config(args, sql, dry_run=False):
+    """The query job's settings: user values as parameters (those sql uses), and the bytes-billed cap."""
     from google.cloud import bigquery
     params = [
-        bigquery.ScalarQueryParameter("subreddit", "STRING", args.subreddit),
+        bigquery.ArrayQueryParameter("subreddits", "STRING", sorted({s.lower() for s in args.subreddit or []})),
         bigquery.ScalarQueryParameter("match", "STRING", args.match),
         bigquery.ArrayQueryParameter("exclude_authors", "STRING", args.exclude_author),
+        bigquery.ScalarQueryParameter("min_score", "INT64", args.min_score),
+        bigquery.ScalarQueryParameter("since", "TIMESTAMP", args.since),
+        bigquery.ScalarQueryParameter("until", "TIMESTAMP", args.until),
+        bigquery.ScalarQueryParameter("with_selftext", "BOOL", args.with_selftext),
+        bigquery.ScalarQueryParameter("top", "INT64", args.top),
+        bigquery.ScalarQueryParameter("type", "STRING", "comment" if args.kind == "comments" else "story"),
     ]
+    if args.table.endswith("*"):
+        first, last = suffix_range(args.table, args.since, args.until)
+        params += [bigquery.ScalarQueryParameter("suffix_first", "STRING", first),
+                   bigquery.ScalarQueryParameter("suffix_last", "STRING", last)]
+    params = [p for p in params if re.search(rf"@{p.name}\b", sql)]
     if dry_run:
         return bigquery.QueryJobConfig(dry_run=True, use_query_cache=False, query_parameters=params)
     return bigquery.QueryJobConfig(query_parameters=params, maximum_bytes_billed=int(args.max_gb * GB))
@@ -155,7 +251,9 @@ def make_client(args):
     if endpoint:
         from google.api_core.client_options import ClientOptions
         from google.auth.credentials import AnonymousCredentials
-        project = args.project or args.table.split(".")[0]
+        project = args.project or (args.table.split(".")[0] if args.table else None)
+        if not project:
+            raise UsageError("with an emulator, name the project with --project (or the table with --table)")
         return bigquery.Client(project=project, credentials=AnonymousCredentials(),
                                client_options=ClientOptions(api_endpoint=endpoint)), endpoint
     try:
@@ -168,6 +266,70 @@ def make_client(args):
     if not project:
         raise UsageError("no Google Cloud project to run the query in: pass --project")
     return bigquery.Client(project=project, credentials=credentials), None
+
+
+NEEDED_COLUMNS = {  # what the SQL files read; created_utc / timestamp checked apart
+    ("reddit", "comments"): ("id", "subreddit", "author", "body", "score"),
+    ("reddit", "posts"): ("id", "subreddit", "author", "title", "selftext", "score"),
+    ("hacker-news", "comments"): ("id", "type", "by", "text", "title", "score", "dead", "deleted"),
+    ("hacker-news", "posts"): ("id", "type", "by", "text", "title", "score", "dead", "deleted"),
+}
+
+
+def table_layout(client, args, retry):
+    """Check that args.table can be read and has the columns the query needs; return its creation time
+    as a TIMESTAMP expression. Access Denied and Not Found become one line naming the table and the fix."""
+    from google.api_core import exceptions as api_exceptions
+
+    def fix(table):
+        if args.source == "hacker-news":
+            return f"name a table you can read with --table (the public one is {HACKER_NEWS_TABLE})"
+        return (f"load Reddit dump files into {'it' if table == args.table else 'a table of your own'} with "
+                f"`python -m data.load FILE.zst --table {table}`, or name a table you can read with --table")
+
+    own_table = f"{client.project}.reddit.{args.kind}"
+    dataset, name = args.table.rsplit(".", 1)
+    try:
+        if name.endswith("*"):
+            found = next((t for t in client.list_tables(dataset, retry=retry, timeout=args.timeout)
+                          if t.table_id.startswith(name[:-1])), None)
+            if found is None:
+                raise UsageError(f"no table matches {args.table}: {fix(own_table)}")
+            table = client.get_table(found.reference, retry=retry, timeout=args.timeout)
+        else:
+            table = client.get_table(args.table, retry=retry, timeout=args.timeout)
+    except api_exceptions.Forbidden:
+        gone = " (fh-bigquery's Reddit tables are no longer public)" if args.table.startswith("fh-bigquery.") else ""
+        raise UsageError(f"access denied to {args.table}{gone}: {fix(own_table)}") from None
+    except api_exceptions.NotFound:
+        raise UsageError(f"table {args.table} not found: {fix(args.table)}") from None
+    columns = {field.name: field.field_type for field in table.schema}
+    created = "timestamp" if args.source == "hacker-news" else "created_utc"
+    missing = [c for c in (*NEEDED_COLUMNS[args.source, args.kind], created) if c not in columns]
+    if missing:
+        raise UsageError(f"{args.table} has no column {', '.join(missing)}, which --source {args.source} "
+                         f"--kind {args.kind} reads: {fix(own_table)}")
+    if columns[created] in ("TIMESTAMP", "DATETIME"):
+        return f"`{created}`"
+    return f"TIMESTAMP_SECONDS(CAST(`{created}` AS INT64))"  # fh-bigquery's tables: seconds since 1970
+
+
+def html_text(text):
+    """Hacker News text is HTML: <p> between paragraphs, <i>, <a>, <pre><code>; keep the words."""
+    return re.sub(r"<[^>]*>", "", text.replace("<p>", "\n\n"))
+
+
+def document(row, args):
+    """One corpus text from a result row: a comment, a post's title (and its text), tagged if asked."""
+    body = row["body"]
+    if body and args.source == "hacker-news":
+        body = html_text(body)
+    text = body or ""
+    if row["title"] is not None:
+        text = row["title"]
+        if body and body.strip() not in DELETED_BODIES:
+            text += "\n\n" + body
+    return text
 
 
 def cloud_error_line(error, timeout):
@@ -208,8 +370,8 @@ class Cleaner:
         self.counts = {"read": 0, "kept": 0, "deleted/removed": 0, "too short": 0, "duplicate": 0,
                        "entities unescaped": 0, "U+FFFD removed": 0, "characters": 0}
 
-    def clean(self, body):
-        """The cleaned text, or None when a rule drops the comment."""
+    def clean(self, body, tag=""):
+        """tag + the cleaned text, or None when a rule drops it (duplicates: the same tag and text)."""
         self.counts["read"] += 1
         body = body or ""
         if body.strip() in DELETED_BODIES:
@@ -225,6 +387,7 @@ class Cleaner:
         if len(text) < self.min_length:
             self.counts["too short"] += 1
             return None
+        text = tag + text
         digest = hashlib.sha1(text.encode("utf-8")).digest()
         if digest in self.seen:
             self.counts["duplicate"] += 1
@@ -293,6 +456,14 @@ def upload(bucket, path, url, timeout):
         raise UsageError(f"cannot upload to {url}: {cloud_error_line(e, timeout)}") from None
 
 
+def filters_text(args):
+    shown = {"subreddit": args.subreddit, "match": args.match, "min-score": args.min_score,
+             "since": args.since if args.since != EARLIEST else None,
+             "until (before)": args.until if args.until != LATEST else None, "top": args.top}
+    return ", ".join([f"{k}={v!r}" if not isinstance(v, datetime) else f"{k}={v:%Y-%m-%d}"
+                      for k, v in shown.items() if v is not None] + [f"excluded authors={args.exclude_author}"])
+
+
 def extract(args):
     from google.api_core import exceptions as api_exceptions
     from google.auth import exceptions as auth_exceptions
@@ -301,36 +472,36 @@ def extract(args):
     from tqdm import tqdm
 
     client, endpoint = make_client(args)
+    args.table = args.table or f"{client.project}.reddit.{args.kind}"
     bucket = gcs_bucket(args.gcs_out, args.timeout) if args.gcs_out else None
-    sql = query_text(args.table)
     retry = bigquery.DEFAULT_RETRY.with_timeout(args.timeout)
     job_retry = bigquery_retry.DEFAULT_JOB_RETRY.with_timeout(args.timeout)
     where = f"the BigQuery emulator at {endpoint}" if endpoint else f"BigQuery (project {client.project})"
     print(f"querying {args.table} on {where}", file=sys.stderr)
     try:
+        sql = query_text(args, table_layout(client, args, retry))
         # job_retry=None on insert: the client would otherwise wrap jobs.insert in its own 10-minute
         # retry, ignoring --timeout; result() below still restarts a query that failed transiently
-        dry = client.query(sql, job_config=job_config(args, dry_run=True), retry=retry, job_retry=None,
+        dry = client.query(sql, job_config=job_config(args, sql, dry_run=True), retry=retry, job_retry=None,
                            timeout=args.timeout)
         print(check_cost(dry.total_bytes_processed or 0, args.max_gb), file=sys.stderr)
         if endpoint:
             print("  (an emulator has no cost model and reports 0; real BigQuery reports the true figure)",
                   file=sys.stderr)
-        job = client.query(sql, job_config=job_config(args), retry=retry, job_retry=None, timeout=args.timeout)
+        job = client.query(sql, job_config=job_config(args, sql), retry=retry, job_retry=None, timeout=args.timeout)
         rows = job.result(max_results=args.limit, retry=retry, job_retry=job_retry, timeout=args.timeout)
         total = rows.total_rows if args.limit is None else min(rows.total_rows or 0, args.limit)
         if not total:
-            raise UsageError(f"no rows matched in {args.table} (subreddit={args.subreddit!r}, "
-                             f"match={args.match!r}, excluded authors={args.exclude_author})")
+            raise UsageError(f"no rows matched in {args.table} ({filters_text(args)})")
 
         cleaner = Cleaner(args.min_length)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.", suffix=".partial")
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                for row in tqdm(rows, total=total, unit=" rows", desc="reading comments",
+                for row in tqdm(rows, total=total, unit=" rows", desc=f"reading {args.kind}",
                                 disable=args.quiet, file=sys.stderr):
-                    text = cleaner.clean(row["body"])
+                    text = cleaner.clean(document(row, args), f"r/{row['subreddit']}\n" if args.tag_subreddit else "")
                     if text is not None:
                         f.write(formatted(text, args.format))
                 f.flush()

@@ -1,8 +1,9 @@
 """`make demo`: the whole product on this machine, offline, with no Google Cloud account.
 
-1. starts a local BigQuery emulator holding the bundled sample (data/sample/comments.jsonl.gz, made-up
-   comments shaped like fh-bigquery.reddit_comments.2019_*),
-2. extracts r/AmItheAsshole comments matching (?i)\\bYTA\\b with `python -m data.extract`,
+1. starts a local BigQuery emulator and loads the bundled sample dump files into it with `python -m data.load`
+   (data/sample/reddit_comments.zst and reddit_submissions.zst: made-up comments and posts shaped like
+   the Pushshift / Arctic Shift archives),
+2. extracts r/AmItheAsshole comments from 2019 matching (?i)\\bYTA\\b with `python -m data.extract`,
 3. trains a small GPT-2 from scratch on them for a few minutes with `python -m finetune --from-scratch`
    (which also exports the weights the server loads),
 4. serves it with `python -m app` on http://localhost:8080 until Ctrl-C.
@@ -27,10 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data.emulator import SAMPLE, Emulator, EmulatorError, port_in_use  # noqa: E402
+from data.emulator import SAMPLE, SAMPLE_PROJECT, Emulator, EmulatorError, port_in_use  # noqa: E402
+from data.extract import whole_number  # noqa: E402
 
 DEMO = ROOT / ".demo"
-SUBREDDIT, MATCH = "AmItheAsshole", r"(?i)\bYTA\b"
+SUBREDDIT, MATCH, SINCE = "AmItheAsshole", r"(?i)\bYTA\b", "2019-01"
 # ~0.45 s a step on two CPU cores: 400 steps take about three minutes. The comments are short,
 # so 256-token windows hold several of them.
 MODEL = ["--from-scratch", "--n-layer", "4", "--n-embd", "256", "--n-head", "8", "--vocab-size", "2000",
@@ -107,17 +109,18 @@ def demo(args):
     corpus.unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
 
-    stage(1, f"Starting a local BigQuery emulator (bqemulator) with the bundled sample {SAMPLE.relative_to(ROOT)}")
+    stage(1, "Starting a local BigQuery emulator (bqemulator) and loading the bundled sample dump files into it")
     with Emulator(log_path=workdir / "bqemulator.log") as emulator:
         started.append(emulator.process)
-        for table, count in emulator.load_sample().items():
-            print(f"  {table}: {count:,} rows")
         print(f"  emulator on {emulator.url} (log {shown(emulator.log_path)})")
+        for path, table in SAMPLE.items():
+            run([sys.executable, "-m", "data.load", shown(path), "--table", f"{SAMPLE_PROJECT}.{table}",
+                 "--endpoint", emulator.url, "--quiet"], "loading the sample")
 
-        stage(2, f"Extracting r/{SUBREDDIT} comments matching {MATCH} into {shown(corpus)} "
+        stage(2, f"Extracting r/{SUBREDDIT} comments since {SINCE} matching {MATCH} into {shown(corpus)} "
                  "(same command as against real BigQuery, plus --endpoint)")
-        run([sys.executable, "-m", "data.extract", "--endpoint", emulator.url, "--subreddit", SUBREDDIT,
-             "--match", MATCH, "--out", shown(corpus)], "the extraction")
+        run([sys.executable, "-m", "data.extract", "--endpoint", emulator.url, "--project", SAMPLE_PROJECT,
+             "--subreddit", SUBREDDIT, "--since", SINCE, "--match", MATCH, "--out", shown(corpus)], "the extraction")
     print(f"  stopped the emulator ({time.monotonic() - began:.0f} s so far)")
 
     stage(3, f"Training a small GPT-2 from scratch for {args.steps} steps (a few minutes on two cores), "
@@ -154,8 +157,8 @@ def interrupted(signum, frame):
 
 def main():
     p = argparse.ArgumentParser(prog="scripts/demo.py", description=__doc__.splitlines()[0])
-    p.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080)")
-    p.add_argument("--steps", type=int, default=400, help="training steps (default 400, about three minutes)")
+    p.add_argument("--port", type=whole_number, default=8080, help="port to serve on (default 8080)")
+    p.add_argument("--steps", type=whole_number, default=400, help="training steps (default 400, about three minutes)")
     p.add_argument("--dir", type=Path, default=DEMO, help="folder for the corpus, checkpoint/run1 and the emulator's log (default .demo)")
     args = p.parse_args()
     if args.steps < 1 or not 0 < args.port < 65536:

@@ -1,5 +1,5 @@
-"""`python -m data.load` on dump files made here the way the archives are (zstandard with a 2 GiB window,
-which a default decoder refuses), into a real BigQuery emulator (bqemulator): the exact rows, the
+"""`python -m data.load` on dump files made here the way the archives are (make_sample.write_dump:
+zstandard with a 2 GiB window, which a default decoder refuses), into a real BigQuery emulator (bqemulator): the exact rows, the
 per-rule counts of bad lines, re-loading adds nothing, a corrupt, truncated or interrupted file leaves
 the table as it was, and --staging through a real Cloud Storage emulator whose files bqemulator reads.
 """
@@ -18,27 +18,11 @@ import zstandard
 
 from data import load
 from data.emulator import Emulator, free_port
+from data.sample.make_sample import write_dump
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "load-project"
 AITA = "AmItheAsshole"
-
-
-def write_dump(path, lines, frames=1):
-    """lines (str or bytes) as a dump file: NDJSON in `frames` zstd frames written with window_log 31.
-
-    Streamed frames do not record their size, so the decoder must reserve the whole 2 GiB window:
-    zstd's default limit (2**27) refuses them, as it refuses the real archives without --long=31.
-    Frames are cut at byte positions, so a frame may end inside a line or inside a UTF-8 character.
-    """
-    data = b"".join(line if isinstance(line, bytes) else line.encode("utf-8") + b"\n" for line in lines)
-    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=31, enable_ldm=True)
-    cuts = [len(data) * i // frames for i in range(frames + 1)]
-    with open(path, "wb") as f:
-        for start, end in zip(cuts, cuts[1:]):
-            with zstandard.ZstdCompressor(compression_params=params).stream_writer(f, closefd=False) as writer:
-                writer.write(data[start:end])
-    return Path(path)
 
 
 def comment(i, body, subreddit=AITA, created=1546300800, **extra):

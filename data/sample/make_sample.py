@@ -1,23 +1,28 @@
-"""Write data/sample/comments.jsonl.gz: made-up Reddit comments shaped like fh-bigquery.reddit_comments.
+"""Write data/sample/reddit_comments.zst and reddit_submissions.zst: made-up Reddit dump files.
 
     python data/sample/make_sample.py
 
-Every comment is generated here from templates (no real Reddit text). Most are short r/AmItheAsshole
-verdicts ("YTA. You ...", "NTA, ...") so a small model trained on them shows it learned something;
-the rest exercise each rule of data/extract.py: other subreddits, AutoModerator, [deleted] authors,
-[deleted]/[removed] bodies, HTML entities as Reddit stores them, U+FFFD, exact duplicates, and a
-2018_12 table that the demo's 2019_* wildcard does not read. Same output for the same --seed.
+They are shaped like the Pushshift / Arctic Shift archives: zstandard with a 2 GiB window (as
+`zstd --long=31` writes them), one JSON object per line with fields data.load ignores, created_utc
+sometimes a string, and a corrupt line each. Every text is generated here from templates (no real
+Reddit text). Most comments are short r/AmItheAsshole verdicts ("YTA. You ...", "NTA, ...") so a small
+model trained on them shows it learned something; the rest exercise each rule of data/extract.py: other
+subreddits, AutoModerator, [deleted] authors, [deleted]/[removed] bodies, HTML entities as Reddit stores
+them, U+FFFD, exact duplicates, and a December 2018 that the demo's --since 2019-01 leaves out.
+Same bytes for the same --seed.
 """
 import argparse
 import calendar
-import gzip
-import io
 import json
 import random
 from pathlib import Path
 
-OUT = Path(__file__).with_name("comments.jsonl.gz")
-TABLES = {"2018_12": 600, "2019_01": 1800, "2019_02": 1800}
+import zstandard
+
+HERE = Path(__file__).parent
+COMMENTS, SUBMISSIONS = HERE / "reddit_comments.zst", HERE / "reddit_submissions.zst"
+MONTHS = {"2018_12": 600, "2019_01": 1800, "2019_02": 1800}  # comments per month
+POSTS_PER_MONTH = 100
 
 YTA_OPENERS = ["YTA.", "YTA", "Yta.", "yta,", "YTA, sorry.", "Gonna go with YTA.", "YTA here.", "Honestly? YTA."]
 NTA_OPENERS = ["NTA.", "NTA", "Nta,", "NTA, clearly.", "Definitely NTA."]
@@ -77,9 +82,12 @@ def aita_comment(rng):
     return text
 
 
-def rows_for(table, count, rng):
-    year, month = map(int, table.split("_"))
-    month_start = calendar.timegm((year, month, 1, 0, 0, 0))
+def month_start(month):
+    year, number = map(int, month.split("_"))
+    return calendar.timegm((year, number, 1, 0, 0, 0))
+
+
+def comments_for(month, count, rng):
     rows = []
     for i in range(count):
         author, subreddit = f"user_{rng.randrange(5000)}", "AmItheAsshole"
@@ -97,25 +105,63 @@ def rows_for(table, count, rng):
             body = rng.choice(rows)["body"]  # an exact duplicate (copy-pasted verdicts are common)
         else:
             body = aita_comment(rng)
-        rows.append({"table": table, "id": f"e{table.replace('_', '')}{i:05x}", "author": author,
-                     "subreddit": subreddit, "body": body, "score": rng.randint(-5, 500),
-                     "created_utc": month_start + rng.randrange(28 * 86400)})
+        created = month_start(month) + rng.randrange(28 * 86400)
+        rows.append({"id": f"e{month.replace('_', '')}{i:05x}", "author": author, "subreddit": subreddit,
+                     "body": body, "score": rng.randint(-5, 500), "controversiality": 0, "gilded": 0,
+                     "created_utc": str(created) if rng.random() < 0.1 else created,  # both occur in the dumps
+                     "link_id": f"t3_p{month.replace('_', '')}{rng.randrange(POSTS_PER_MONTH):03x}",
+                     "parent_id": f"t3_p{month.replace('_', '')}{rng.randrange(POSTS_PER_MONTH):03x}"})
     return rows
+
+
+def posts_for(month, rng):
+    rows = []
+    for i in range(POSTS_PER_MONTH):
+        who = rng.choice(PEOPLE).removeprefix("your ")
+        if rng.random() < 0.85:
+            subreddit, title = "AmItheAsshole", f"{rng.choice(['AITA', 'WIBTA'])} for refusing to {rng.choice(ACTS)} for my {who}?"
+            selftext = rng.choice([f"My {who} asked me to {rng.choice(ACTS)}. I said no.", "[removed]", "[deleted]", ""])
+        else:
+            subreddit = rng.choice(sorted(OTHER_SUBREDDITS))
+            title, selftext = rng.choice(["What is your comfort food?", "Any advice for a first date?"]), ""
+        rows.append({"id": f"p{month.replace('_', '')}{i:03x}", "author": f"op_{rng.randrange(5000)}",
+                     "subreddit": subreddit, "title": title, "selftext": selftext, "score": rng.randint(0, 5000),
+                     "num_comments": rng.randint(0, 900), "over_18": False, "is_self": True,
+                     "created_utc": month_start(month) + rng.randrange(28 * 86400)})
+    return rows
+
+
+def write_dump(path, lines, frames=1):
+    """lines (str, or bytes already ending in a newline) as a dump file: NDJSON in `frames` zstd frames
+    written with window_log 31, as the archives are.
+
+    Streamed frames do not record their size, so the decoder must reserve the whole 2 GiB window:
+    zstd's default limit (2**27) refuses them, as it refuses the real archives without --long=31.
+    Frames are cut at byte positions, so a frame may end inside a line or inside a UTF-8 character.
+    """
+    data = b"".join(line if isinstance(line, bytes) else line.encode("utf-8") + b"\n" for line in lines)
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=31, enable_ldm=True)
+    cuts = [len(data) * i // frames for i in range(frames + 1)]
+    with open(path, "wb") as f:
+        for start, end in zip(cuts, cuts[1:]):
+            with zstandard.ZstdCompressor(compression_params=params).stream_writer(f, closefd=False) as writer:
+                writer.write(data[start:end])
+    return Path(path)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=2019)
-    p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     rng = random.Random(args.seed)
-    lines = [json.dumps(row, ensure_ascii=False) for table, count in TABLES.items()
-             for row in rows_for(table, count, rng)]
-    buffer = io.BytesIO()
-    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as gz:  # mtime=0: same bytes every run
-        gz.write(("\n".join(lines) + "\n").encode("utf-8"))
-    args.out.write_bytes(buffer.getvalue())
-    print(f"wrote {args.out}: {len(lines)} rows, {len(buffer.getvalue()):,} bytes")
+    comments = [json.dumps(row, ensure_ascii=False) for month, count in MONTHS.items()
+                for row in comments_for(month, count, rng)]
+    posts = [json.dumps(row, ensure_ascii=False) for month in MONTHS for row in posts_for(month, rng)]
+    comments.insert(len(comments) // 2, comments[10][:40])  # a line cut short, as a crashed crawler leaves
+    posts.insert(len(posts) // 2, posts[10][:40])
+    for path, lines in ((COMMENTS, comments), (SUBMISSIONS, posts)):
+        write_dump(path, lines)
+        print(f"wrote {path}: {len(lines)} lines, {path.stat().st_size:,} bytes")
 
 
 if __name__ == "__main__":
