@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Debian packages the tests drive for real: a browser, a container engine, a base-image builder.
 APT_PACKAGES := chromium podman runc debootstrap fonts-dejavu-core
 
-.PHONY: setup setup-python setup-system test demo bench clean
+.PHONY: setup setup-python setup-system setup-gpu test demo bench clean
 
 setup: setup-python setup-system
 
@@ -17,6 +17,17 @@ $(VENV)/.installed: requirements.txt requirements-train.txt requirements-gpt2sim
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -r requirements-gpt2simple.txt
+	touch $@
+
+# Fine-tuning on an NVIDIA GPU: its own .venv-gpu (TensorFlow 2.15 with CUDA 12.2 wheels, NumPy < 2;
+# see requirements-gpu.txt), then .venv-gpu/bin/python -m finetune ... The normal setup stays CPU-only.
+setup-gpu: .venv-gpu/.installed
+
+.venv-gpu/.installed: requirements-gpu.txt requirements-gpt2simple.txt
+	test -x .venv-gpu/bin/python || $(PYTHON) -m venv .venv-gpu
+	.venv-gpu/bin/python -m pip install -q --upgrade pip
+	.venv-gpu/bin/python -m pip install -q -r requirements-gpu.txt
+	.venv-gpu/bin/python -m pip install -q --no-deps -r requirements-gpt2simple.txt
 	touch $@
 
 setup-system:
