@@ -101,7 +101,7 @@ def date_bound(value):
         year, month, day = int(match[1]), int(match[2]), int(match[3] or 1)
         start = datetime(year, month, day, tzinfo=timezone.utc)
         if match[3]:
-            end = datetime.fromordinal(start.toordinal() + 1).replace(tzinfo=timezone.utc)
+            end = start + timedelta(days=1)
         else:
             end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
     except (TypeError, ValueError, OverflowError):
@@ -135,7 +135,7 @@ def parse_args(argv=None):
     p.add_argument("--with-selftext", action="store_true", help="posts: the post's text under its title")
     p.add_argument("--table", type=table_name,
                    help="project.dataset.table; a trailing * queries every table with that prefix (default: "
-                        f"PROJECT.reddit.comments or PROJECT.reddit.posts, as data.load's examples; {HACKER_NEWS_TABLE} "
+                        f"PROJECT.reddit.comments or PROJECT.reddit.posts; {HACKER_NEWS_TABLE} "
                         "with --source hacker-news)")
     p.add_argument("--subreddit", action="append", type=subreddit_name, metavar="NAME",
                    help="keep this subreddit only (case-insensitive), e.g. AmItheAsshole; repeatable (default: all)")
@@ -182,7 +182,8 @@ def parse_args(argv=None):
         if args.kind == "comments" and (args.min_score is not None or args.top):
             p.error("Hacker News comments have no score: --min-score and --top go with --kind posts")
         args.table = args.table or HACKER_NEWS_TABLE
-    args.since, args.until = (args.since or (EARLIEST,))[0], (args.until or (None, LATEST))[1]
+    args.since = args.since[0] if args.since else EARLIEST  # from the start of the first month or day named
+    args.until = args.until[1] if args.until else LATEST  # to the end of the last: the moment after it
     if args.since >= args.until:
         p.error("--since must come before --until")
     return args

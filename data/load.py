@@ -26,7 +26,8 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from data.extract import OneLineParser, UsageError, cloud_error_line, gcs_url, make_client, positive_float
+from data.extract import (OneLineParser, UsageError, cloud_error_line, gcs_bucket, gcs_url, make_client,
+                          positive_float, subreddit_name, table_name)
 
 MAX_WINDOW = 2**31  # the archives are written with zstd --long=31; zstd's default limit is 2**27
 READ_SIZE = 1 << 16  # compressed bytes per read: bounds what one read can expand to
@@ -137,7 +138,6 @@ def dump_lines(path, progress=None):
 
 def table_id(value):
     """PROJECT.DATASET.TABLE, as data.extract checks it, without a wildcard."""
-    from data.extract import table_name
     if value.endswith("*"):
         raise argparse.ArgumentTypeError(f"{value!r}: load into one table, not a wildcard")
     return table_name(value)
@@ -150,7 +150,7 @@ def parse_args(argv=None):
                    help="Pushshift-format dump files: RC_YYYY-MM.zst, RS_YYYY-MM.zst, <subreddit>_comments.zst, ...")
     p.add_argument("--table", type=table_id, required=True, help="PROJECT.DATASET.TABLE; created when missing")
     p.add_argument("--kind", choices=sorted(FIELDS), help="what the files hold (default: detected from the records)")
-    p.add_argument("--subreddit", action="append", metavar="NAME",
+    p.add_argument("--subreddit", action="append", type=subreddit_name, metavar="NAME",
                    help="keep only this subreddit (case-insensitive); repeatable (default: all)")
     p.add_argument("--staging", type=gcs_url, metavar="gs://BUCKET/PREFIX",
                    help="upload the NDJSON chunks there and load from Cloud Storage "
@@ -163,8 +163,6 @@ def parse_args(argv=None):
                    help="give up on one BigQuery or Cloud Storage call, retries included, after this many seconds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if args.subreddit is not None and not all(s.strip() for s in args.subreddit):
-        p.error("--subreddit must not be empty")
     for path in args.files:
         if not path.is_file():
             p.error(f"{path}: no such file")
@@ -176,24 +174,24 @@ def schema(kind):
     return [bigquery.SchemaField(name, bq_type) for name, bq_type in FIELDS[kind].items()]
 
 
-def ensure_table(client, table, kind):
-    """The target table, created partitioned by month and clustered by subreddit when missing."""
+def ensure_table(client, table, kind, timeout):
+    """Create the table, partitioned by month and clustered by subreddit, or check the one there."""
     from google.api_core.exceptions import NotFound
     from google.cloud import bigquery
 
     try:
-        existing = client.get_table(table)
+        existing = client.get_table(table, timeout=timeout)
     except NotFound:
         new = bigquery.Table(table, schema=schema(kind))
         new.time_partitioning = bigquery.TimePartitioning(type_=bigquery.TimePartitioningType.MONTH,
                                                           field="created_utc")
         new.clustering_fields = ["subreddit"]
-        return client.create_table(new)
+        client.create_table(new, timeout=timeout)
+        return
     missing = set(FIELDS[kind]) - {field.name for field in existing.schema}
     if missing:
         raise UsageError(f"{table} exists without the {kind} columns {', '.join(sorted(missing))}; "
                          f"load {kind} into another table")
-    return existing
 
 
 def merge_sql(table, staging, kind):
@@ -211,14 +209,13 @@ class Loader:
     """Loads dump files into one table through a staging table; see the module's docstring."""
 
     def __init__(self, args):
-        from data.extract import gcs_bucket
-
         self.args = args
         self.client, self.endpoint = make_client(args)
         self.subreddits = {s.lower() for s in args.subreddit or []}
         self.bucket = gcs_bucket(args.staging, args.timeout) if args.staging else None
         self.prefix = args.staging.split("/", 3)[3].strip("/") if args.staging else None
-        self.job = None  # the BigQuery job in progress, cancelled on Ctrl-C
+        self.job = None  # the load job in progress, cancelled on Ctrl-C
+        self.merged_anyway = False  # Ctrl-C came while a MERGE was finishing
         self.client.create_dataset(args.table.rsplit(".", 1)[0], exists_ok=True, timeout=args.timeout)
 
     def load_file(self, path):
@@ -244,7 +241,7 @@ class Loader:
                     counts["other subreddits"] += 1
                     continue
                 if counts["staged"] == 0:  # the first row: the kind is known, check the table now
-                    ensure_table(self.client, self.args.table, kind)
+                    ensure_table(self.client, self.args.table, kind, self.args.timeout)
                     self.create_staging(staging, kind)
                     first = last = row["created_utc"]
                 first, last = min(first, row["created_utc"]), max(last, row["created_utc"])
@@ -312,12 +309,21 @@ class Loader:
         config = bigquery.QueryJobConfig(query_parameters=[
             bigquery.ScalarQueryParameter("first", "TIMESTAMP", datetime.fromtimestamp(first, timezone.utc)),
             bigquery.ScalarQueryParameter("last", "TIMESTAMP", datetime.fromtimestamp(last, timezone.utc))])
-        job = self.run_job(self.client.query(merge_sql(self.args.table, staging, kind), job_config=config,
-                                             timeout=self.args.timeout))
+        job = self.client.query(merge_sql(self.args.table, staging, kind), job_config=config, timeout=self.args.timeout)
+        try:
+            job.result(timeout=self.args.timeout)
+        except KeyboardInterrupt:
+            job.cancel(timeout=10)
+            try:  # cancelling comes too late if the MERGE has finished: then its rows are in, all of them
+                job.result(timeout=30)
+                self.merged_anyway = True
+            except Exception:  # noqa: BLE001 - cancelled (or unknown): the table is as it was
+                pass
+            raise
         return job.num_dml_affected_rows or 0
 
     def clean_up(self, staging, uris):
-        if self.job is not None:  # interrupted: stop what runs (a MERGE, if it was one, is atomic anyway)
+        if self.job is not None:  # interrupted: stop the load job
             try:
                 self.job.cancel(timeout=10)
             except Exception:  # noqa: BLE001 - finished or unreachable: nothing to stop
@@ -376,7 +382,7 @@ def main(argv=None):
     from google.auth import exceptions as auth_exceptions
 
     args = parse_args(argv)
-    path = None
+    path, loader = None, None
     try:
         loader = Loader(args)
         for path in args.files:
@@ -390,7 +396,10 @@ def main(argv=None):
         print(f"error: BigQuery: {cloud_error_line(e, args.timeout)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted; {args.table} is as it was before the file being loaded", file=sys.stderr)
+        if loader is not None and loader.merged_anyway:
+            print(f"interrupted; {args.table} had already taken in all of {path}", file=sys.stderr)
+        else:
+            print(f"interrupted; {args.table} is as it was before the file being loaded", file=sys.stderr)
         return 130
     return 0
 
