@@ -39,6 +39,7 @@ STARTUP_S = 300  # image pull, base model download, final save and upload
 APIS = {"run.googleapis.com": "Cloud Run Admin API", "cloudbuild.googleapis.com": "Cloud Build API",
         "artifactregistry.googleapis.com": "Artifact Registry API"}
 OWN_FLAGS = ["--upload", "--checkpoint-dir", "--require-gpu"]  # the job sets these itself
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the build context
 
 
 class Parser(argparse.ArgumentParser):
@@ -235,7 +236,7 @@ def run(args):
         if argv[:4] == ["gcloud", "run", "jobs", "execute"] and not args.no_wait:
             execute_and_follow(argv, logs)
         else:
-            result = subprocess.run(argv, stderr=subprocess.PIPE, text=True)
+            result = subprocess.run(argv, stderr=subprocess.PIPE, text=True, cwd=ROOT)
             if result.returncode != 0:
                 sys.stderr.write(result.stderr)
                 raise UsageError(explain(result.stderr, argv[1:]))
