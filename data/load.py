@@ -4,7 +4,8 @@
     python -m data.load RS_2023-01.zst --table MY-PROJECT.reddit.posts --subreddit AmItheAsshole
 
 A dump file is zstandard-compressed newline-delimited JSON, one comment or submission per line, written
-with a 2 GiB window (`zstd --long=31`). It is streamed, never held in memory: decompressed, split into
+with a 2 GiB window (`zstd --long=31`). It is streamed (the decoder holds up to that window, as zstd
+itself does, and nothing else grows with the file): decompressed, split into
 lines (on bytes, so a chunk boundary inside a UTF-8 character does no harm), checked, cut down to the
 fields data.extract uses, and written as NDJSON chunks that load jobs (free, unlike streaming inserts)
 put into a staging table, sent with load_table_from_file or, with --staging gs://..., from Cloud Storage.
