@@ -290,18 +290,21 @@ class Loader:
         """One NDJSON chunk: loaded into the staging table now, or uploaded for one load job later (its URI)."""
         size = chunk.tell()
         chunk.seek(0)
+        uri = None
         with chunk:
             if self.bucket:
                 name = f"{self.prefix}/{staging.rsplit('.', 1)[1]}-{number:05d}.json"
                 self.bucket.blob(name).upload_from_file(chunk, content_type="application/json",
                                                         timeout=self.args.timeout)
-                return f"gs://{self.bucket.name}/{name}"
-            self.run_job(self.client.load_table_from_file(chunk, staging, job_config=load_config(kind),
-                                                                timeout=self.args.timeout))
+                uri = f"gs://{self.bucket.name}/{name}"
+            else:
+                self.run_job(self.client.load_table_from_file(chunk, staging, job_config=load_config(kind),
+                                                              timeout=self.args.timeout))
         if not self.args.quiet:
             from tqdm import tqdm
-            tqdm.write(f"  staged chunk {number + 1} ({size / 10**6:,.1f} MB)", file=sys.stderr)
-        return None
+            tqdm.write(f"  staged chunk {number + 1} ({size / 10**6:,.1f} MB){': ' + uri if uri else ''}",
+                       file=sys.stderr)
+        return uri
 
     def merge(self, staging, kind, first, last):
         """Insert the staged rows the table lacks; return how many. One statement: all or nothing."""

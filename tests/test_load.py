@@ -176,22 +176,23 @@ def test_load_posts_one_subreddit_repeated_line_staging_in_cloud_storage(bigquer
     from google.cloud import storage
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", storage_dir[0])  # for us and for data.load
-    if True:
-        storage.Client(project=PROJECT).create_bucket("staging-bucket")
-        dump = write_dump(tmp_path / "RS_2019-01.zst", [json.dumps(p) for p in POSTS])
-        table = f"{PROJECT}.reddit.posts"
-        result = run_load(dump, "--table", table, "--endpoint", bigquery.url, "--subreddit", "AMITHEASSHOLE",
-                          "--staging", "gs://staging-bucket/reddit/load", "--chunk-mb", "0.0002")
-        assert result.returncode == 0, result.stderr
-        assert figures(result.stdout)["skipped: other subreddits"] == 1
-        assert figures(result.stdout)["staged"] == 3
-        assert figures(result.stdout)["added to the table"] == 2  # p1 appears twice in the file
-        assert rows(bigquery, table) == [
-            ("p1", AITA, "op1", "AITA for skipping the wedding?", "It was my sister's.", 120, 45, False, ts(1546300800)),
-            ("p2", "amitheasshole", "op2", "WIBTA if I sold the car?", "", 7, None, None, ts(1546387200)),
-        ]
-        # three chunks were uploaded and read by one load job, then deleted
-        assert list(storage.Client(project=PROJECT).list_blobs("staging-bucket")) == []
+    storage.Client(project=PROJECT).create_bucket("staging-bucket")
+    dump = write_dump(tmp_path / "RS_2019-01.zst", [json.dumps(p) for p in POSTS])
+    table = f"{PROJECT}.reddit.posts"
+    result = run_load(dump, "--table", table, "--endpoint", bigquery.url, "--subreddit", "AMITHEASSHOLE",
+                      "--staging", "gs://staging-bucket/reddit/load", "--chunk-mb", "0.0002")
+    assert result.returncode == 0, result.stderr
+    assert figures(result.stdout)["skipped: other subreddits"] == 1
+    assert figures(result.stdout)["staged"] == 3
+    assert figures(result.stdout)["added to the table"] == 2  # p1 appears twice in the file
+    assert rows(bigquery, table) == [
+        ("p1", AITA, "op1", "AITA for skipping the wedding?", "It was my sister's.", 120, 45, False, ts(1546300800)),
+        ("p2", "amitheasshole", "op2", "WIBTA if I sold the car?", "", 7, None, None, ts(1546387200)),
+    ]
+    # three chunks were uploaded, read by one load job, then deleted
+    uploads = [line for line in result.stderr.splitlines() if "staged chunk" in line]
+    assert len(uploads) == 3 and all(" MB): gs://staging-bucket/reddit/load/" in line for line in uploads), uploads
+    assert list(storage.Client(project=PROJECT).list_blobs("staging-bucket")) == []
 
 
 def test_detected_kind_must_fit_the_table(bigquery, comments_file, tmp_path):
