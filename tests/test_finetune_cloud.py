@@ -218,7 +218,7 @@ def test_training_image_trains_from_and_to_the_bucket_and_resumes(podman, train_
     saved = int(blob_text(b, "run1/counter"))
     assert saved >= 24
     assert blob_text(b, "run1/checkpoint").splitlines()[0] == f'model_checkpoint_path: "model-{saved}"'
-    assert f"SIGTERM: saved model-{saved} in /job/checkpoint/run1 and gs://{b.name}/run1" in logs
+    assert f"SIGTERM: saved model-{saved} in checkpoint/run1 and gs://{b.name}/run1; continue" in logs
 
     third = task("--steps", "2")
     assert third.returncode == 0, third.stderr[-3000:]
