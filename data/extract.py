@@ -189,16 +189,18 @@ def parse_args(argv=None):
     return args
 
 
-def query_text(args, created="created_utc"):
+def query_text(args, created="created_utc", subreddit_key="subreddit_key"):
     """The SQL for --source/--kind with the (already validated) table name and code-chosen parts in place.
 
-    created: the creation time as a TIMESTAMP expression (see table_layout)."""
+    created, subreddit_key: the creation time as a TIMESTAMP and the lower-case subreddit (see table_layout)."""
     if not TABLE_PATTERN.fullmatch(args.table):
         raise UsageError(f"refusing table name {args.table!r}")
     suffix = "AND _TABLE_SUFFIX BETWEEN @suffix_first AND @suffix_last" if args.table.endswith("*") else ""
     text = Path(__file__).with_name(SQL_FILES[args.source, args.kind]).read_text(encoding="utf-8")
     sql = "\n".join(line for line in text.splitlines() if not line.startswith("--"))  # the comments name the placeholders
-    return sql.format(table=args.table, created=created, suffix=suffix, top=TOP[args.source] if args.top else "")
+    subreddits = f"AND {subreddit_key} IN UNNEST(@subreddits)" if args.subreddit else ""
+    return sql.format(table=args.table, created=created, suffix=suffix, subreddits=subreddits,
+                      top=TOP[args.source] if args.top else "")
 
 
 def suffix_range(table, since, until):
@@ -278,8 +280,8 @@ NEEDED_COLUMNS = {  # what the SQL files read; created_utc / timestamp checked a
 
 
 def table_layout(client, args, retry):
-    """Check that args.table can be read and has the columns the query needs; return its creation time
-    as a TIMESTAMP expression. Access Denied and Not Found become one line naming the table and the fix."""
+    """Check that args.table can be read and has the columns the query needs; return query_text's created
+    and subreddit_key for it. Access Denied and Not Found become one line naming the table and the fix."""
     from google.api_core import exceptions as api_exceptions
 
     def fix(table):
@@ -310,9 +312,11 @@ def table_layout(client, args, retry):
     if missing:
         raise UsageError(f"{args.table} has no column {', '.join(missing)}, which --source {args.source} "
                          f"--kind {args.kind} reads: {fix(own_table)}")
-    if columns[created] in ("TIMESTAMP", "DATETIME"):
-        return f"`{created}`"
-    return f"TIMESTAMP_SECONDS(CAST(`{created}` AS INT64))"  # fh-bigquery's tables: seconds since 1970
+    if columns[created] not in ("TIMESTAMP", "DATETIME"):
+        created = f"TIMESTAMP_SECONDS(CAST({created} AS INT64))"  # fh-bigquery's tables: seconds since 1970
+    elif created == "timestamp":
+        created = "`timestamp`"  # Hacker News' column is named like a type
+    return created, "subreddit_key" if "subreddit_key" in columns else "LOWER(subreddit)"
 
 
 def html_text(text):
@@ -480,7 +484,7 @@ def extract(args):
     where = f"the BigQuery emulator at {endpoint}" if endpoint else f"BigQuery (project {client.project})"
     print(f"querying {args.table} on {where}", file=sys.stderr)
     try:
-        sql = query_text(args, table_layout(client, args, retry))
+        sql = query_text(args, *table_layout(client, args, retry))
         # job_retry=None on insert: the client would otherwise wrap jobs.insert in its own 10-minute
         # retry, ignoring --timeout; result() below still restarts a query that failed transiently
         dry = client.query(sql, job_config=job_config(args, sql, dry_run=True), retry=retry, job_retry=None,

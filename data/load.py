@@ -15,8 +15,10 @@ the table does not hold yet, and BigQuery applies a MERGE entirely or not at all
 adds nothing, and a failed or interrupted file (Ctrl-C, a corrupt or truncated file) leaves the table as it
 was before that file; the staging table is dropped either way (it also expires on its own after a day).
 
-The table is created when missing, partitioned by month on created_utc and clustered by subreddit, so
-a query for one subreddit and a few months scans only their blocks. So is its dataset.
+The table is created when missing, partitioned by month on created_utc and clustered by subreddit_key
+(the subreddit's name in lower case: BigQuery skips blocks only for a filter on the column itself, and
+data.extract's --subreddit is case-insensitive), so a query for one subreddit and a few months reads only
+their blocks. So is its dataset.
 """
 import argparse
 import json
@@ -42,6 +44,7 @@ FIELDS = {
     "posts": {"id": "STRING", "subreddit": "STRING", "author": "STRING", "title": "STRING", "selftext": "STRING",
               "score": "INTEGER", "num_comments": "INTEGER", "over_18": "BOOLEAN", "created_utc": "TIMESTAMP"},
 }
+KEY = "subreddit_key"  # added to every row: LOWER(subreddit), the clustering column
 REQUIRED = {"comments": ("id", "subreddit", "author", "body", "score", "created_utc"),
             "posts": ("id", "subreddit", "author", "title", "score", "created_utc")}
 PYTHON_TYPES = {"STRING": str, "INTEGER": int, "BOOLEAN": bool}
@@ -89,6 +92,7 @@ def convert(line, kind):
         elif type(value) is not PYTHON_TYPES[bq_type]:  # not isinstance: True is not a score
             raise BadLine("wrong type")
         row[name] = value
+    row[KEY] = row["subreddit"].lower()
     return row
 
 
@@ -172,11 +176,11 @@ def parse_args(argv=None):
 
 def schema(kind):
     from google.cloud import bigquery
-    return [bigquery.SchemaField(name, bq_type) for name, bq_type in FIELDS[kind].items()]
+    return [bigquery.SchemaField(name, bq_type) for name, bq_type in [*FIELDS[kind].items(), (KEY, "STRING")]]
 
 
 def ensure_table(client, table, kind, timeout):
-    """Create the table, partitioned by month and clustered by subreddit, or check the one there."""
+    """Create the table, partitioned by month and clustered by subreddit_key, or check the one there."""
     from google.api_core.exceptions import NotFound
     from google.cloud import bigquery
 
@@ -186,10 +190,10 @@ def ensure_table(client, table, kind, timeout):
         new = bigquery.Table(table, schema=schema(kind))
         new.time_partitioning = bigquery.TimePartitioning(type_=bigquery.TimePartitioningType.MONTH,
                                                           field="created_utc")
-        new.clustering_fields = ["subreddit"]
+        new.clustering_fields = [KEY]
         client.create_table(new, timeout=timeout)
         return
-    missing = set(FIELDS[kind]) - {field.name for field in existing.schema}
+    missing = {*FIELDS[kind], KEY} - {field.name for field in existing.schema}
     if missing:
         raise UsageError(f"{table} exists without the {kind} columns {', '.join(sorted(missing))}; "
                          f"load {kind} into another table")
@@ -199,11 +203,11 @@ def merge_sql(table, staging, kind):
     """Insert the staged rows whose id the table lacks (a file may repeat a line: one row per id).
 
     The created_utc range restricts the scan of the table to the partitions the file covers."""
-    columns = ", ".join(FIELDS[kind])
+    columns = [*FIELDS[kind], KEY]
     return (f"MERGE `{table}` T\n"
             f"USING (SELECT * FROM `{staging}` WHERE TRUE QUALIFY ROW_NUMBER() OVER (PARTITION BY id) = 1) S\n"
             "ON T.id = S.id AND T.created_utc BETWEEN @first AND @last\n"
-            f"WHEN NOT MATCHED THEN INSERT ({columns}) VALUES ({', '.join('S.' + c for c in FIELDS[kind])})")
+            f"WHEN NOT MATCHED THEN INSERT ({', '.join(columns)}) VALUES ({', '.join('S.' + c for c in columns)})")
 
 
 class Loader:
@@ -211,7 +215,7 @@ class Loader:
 
     def __init__(self, args):
         self.args = args
-        self.client, self.endpoint = make_client(args)
+        self.client, _ = make_client(args)
         self.subreddits = {s.lower() for s in args.subreddit or []}
         self.bucket = gcs_bucket(args.staging, args.timeout) if args.staging else None
         self.prefix = args.staging.split("/", 3)[3].strip("/") if args.staging else None
@@ -238,7 +242,7 @@ class Loader:
                 except BadLine as e:
                     counts[e.args[0]] += 1
                     continue
-                if self.subreddits and row["subreddit"].lower() not in self.subreddits:
+                if self.subreddits and row[KEY] not in self.subreddits:
                     counts["other subreddits"] += 1
                     continue
                 if counts["staged"] == 0:  # the first row: the kind is known, check the table now
@@ -257,8 +261,6 @@ class Loader:
                 if bar is not None and counts["staged"] % 1000 == 0:
                     rate = counts["staged"] / max(time.monotonic() - began, 1e-9)
                     bar.set_postfix_str(f"{counts['staged']:,} rows kept, {rate:,.0f} rows/s", refresh=False)
-            if bar is not None:
-                bar.close()
             if counts["staged"]:
                 if chunk_bytes:
                     staged.append(self.stage(chunk, staging, kind, len(staged)))

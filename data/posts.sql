@@ -7,11 +7,11 @@ SELECT
 FROM
   `{table}`
 WHERE
-  (ARRAY_LENGTH(@subreddits) = 0 OR LOWER(subreddit) IN UNNEST(@subreddits))
+  {created} >= @since AND {created} < @until
+  {suffix}
+  {subreddits}
   AND (@match IS NULL OR REGEXP_CONTAINS(IF(@with_selftext AND TRIM(selftext) NOT IN ('[deleted]', '[removed]'),
                                             CONCAT(title, '\n', selftext), title), @match))
   AND author NOT IN UNNEST(@exclude_authors)
   AND (@min_score IS NULL OR score >= @min_score)
-  AND {created} >= @since AND {created} < @until
-  {suffix}
 {top}

@@ -476,6 +476,7 @@ def test_job_config_parameters_and_bytes_cap():
     # user values never reach the SQL text; only the checked table name and code-chosen parts do
     assert "`my-project.reddit.comments`" in sql and "AmItheAsshole" not in sql and "YTA" not in sql
     assert "QUALIFY" in sql and "_TABLE_SUFFIX" not in sql and "{" not in sql
+    assert "subreddit_key IN UNNEST(@subreddits)" in sql  # the clustering column itself: BigQuery skips blocks
 
 
 def test_wildcard_suffix_range():

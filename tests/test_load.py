@@ -50,12 +50,13 @@ BAD_LINES = [
     json.dumps(comment(8, "a date", created="yesterday")),
     json.dumps(comment(9, "a boolean score", score=True)),
 ]
-EXPECTED_COMMENTS = [  # as stored: created_utc a TIMESTAMP, missing optional fields null
-    ("c1", AITA, "user1", "YTA, plain ASCII.", 1, ts(1546300800), "t3_p1", "t3_p1"),
-    ("c2", AITA, "user2", "NTA caf\u00e9 \u20ac \U0001F600 \u4f60\u597d", 2, ts(1548979200), "t3_p1", "t3_p1"),
-    ("c3", AITA, "[deleted]", "[deleted]", 3, ts(1546300800), "t3_p1", "t3_p1"),
-    ("c4", "AskReddit", "user4", "[removed]", 4, ts(1551398400.5), "t3_p1", "t3_p1"),
-    ("c5", AITA, "user5", "Unknown fields are ignored.", 5, ts(1546300800), "t3_p1", "t3_p1"),
+EXPECTED_COMMENTS = [  # as stored: created_utc a TIMESTAMP, the subreddit_key added (lower case)
+    ("c1", AITA, "user1", "YTA, plain ASCII.", 1, ts(1546300800), "t3_p1", "t3_p1", "amitheasshole"),
+    ("c2", AITA, "user2", "NTA caf\u00e9 \u20ac \U0001F600 \u4f60\u597d", 2, ts(1548979200), "t3_p1", "t3_p1",
+     "amitheasshole"),
+    ("c3", AITA, "[deleted]", "[deleted]", 3, ts(1546300800), "t3_p1", "t3_p1", "amitheasshole"),
+    ("c4", "AskReddit", "user4", "[removed]", 4, ts(1551398400.5), "t3_p1", "t3_p1", "askreddit"),
+    ("c5", AITA, "user5", "Unknown fields are ignored.", 5, ts(1546300800), "t3_p1", "t3_p1", "amitheasshole"),
 ]
 
 
@@ -149,7 +150,7 @@ def test_load_comments_exact_rows_partitioned_table_and_reload(bigquery, comment
     assert rows(bigquery, table) == EXPECTED_COMMENTS
     created = bigquery.client(PROJECT).get_table(table)
     assert (created.time_partitioning.type_, created.time_partitioning.field) == ("MONTH", "created_utc")
-    assert created.clustering_fields == ["subreddit"]
+    assert created.clustering_fields == ["subreddit_key"]
 
     again = run_load(comments_file, "--table", table, "--endpoint", bigquery.url, "--quiet")
     assert again.returncode == 0, again.stderr
@@ -186,8 +187,10 @@ def test_load_posts_one_subreddit_repeated_line_staging_in_cloud_storage(bigquer
     assert figures(result.stdout)["staged"] == 3
     assert figures(result.stdout)["added to the table"] == 2  # p1 appears twice in the file
     assert rows(bigquery, table) == [
-        ("p1", AITA, "op1", "AITA for skipping the wedding?", "It was my sister's.", 120, 45, False, ts(1546300800)),
-        ("p2", "amitheasshole", "op2", "WIBTA if I sold the car?", "", 7, None, None, ts(1546387200)),
+        ("p1", AITA, "op1", "AITA for skipping the wedding?", "It was my sister's.", 120, 45, False, ts(1546300800),
+         "amitheasshole"),
+        ("p2", "amitheasshole", "op2", "WIBTA if I sold the car?", "", 7, None, None, ts(1546387200),
+         "amitheasshole"),  # missing num_comments, over_18: null
     ]
     # three chunks were uploaded, read by one load job, then deleted
     uploads = [line for line in result.stderr.splitlines() if "staged chunk" in line]
