@@ -79,6 +79,9 @@ def build_parser():
                    "gs://BUCKET/FILE to download first")
     p.add_argument("--model", default="124M", help="GPT-2 release to start from: " + ", ".join(MODELS))
     p.add_argument("--steps", type=int, default=1000, help="training steps in this run (-1: until Ctrl-C)")
+    p.add_argument("--until-step", type=positive_int, default=None,
+                   help="instead of --steps: train until the run's counter reaches N, so a resumed or "
+                   "retried run does only what is left (the cloud job uses this)")
     p.add_argument("--run-name", default="run1", help="run folder name under --checkpoint-dir")
     p.add_argument("--checkpoint-dir", default="checkpoint", help="where run folders are kept")
     p.add_argument("--learning-rate", type=positive_float, default=1e-4, help="Adam's learning rate")
@@ -203,7 +206,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted: stopped without saving (a checkpoint saved before is intact)", file=sys.stderr)
         return 130
-
 
 
 def run(args):

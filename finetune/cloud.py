@@ -12,6 +12,7 @@ runs nothing. Bad input or a missing API/quota is one line on stderr and exit st
 """
 import argparse
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -139,7 +140,8 @@ def cost_line(ft):
 
 
 def check_bucket(args):
-    """The bucket and the corpus exist (google-cloud-storage: credentials or STORAGE_EMULATOR_HOST)."""
+    """The bucket and the corpus exist (google-cloud-storage: credentials or STORAGE_EMULATOR_HOST);
+    return the step of the run already at gs://BUCKET/RUN-NAME (0: none)."""
     from finetune import gcs
     with gcs.cloud_errors(f"cannot read gs://{args.bucket}"):
         bucket = gcs.client().lookup_bucket(args.bucket)
@@ -151,6 +153,9 @@ def check_bucket(args):
         if corpus is None:
             raise UsageError(f"{args.dataset} does not exist: upload the corpus first, e.g. "
                              f"gcloud storage cp data/corpus.txt {args.dataset}")
+        state = bucket.get_blob(f"{args.run_name}/checkpoint")
+        match = re.search(r'model_checkpoint_path: ".*-(\d+)"', state.download_as_text() if state else "")
+        return int(match.group(1)) if match else 0
 
 
 def gcloud(*argv):
@@ -212,14 +217,22 @@ def run(args):
     if args.dry_run:
         project = args.project or "PROJECT"  # a dry run needs no gcloud and no account
         try:
-            check_bucket(args)
+            step = check_bucket(args)
         except UsageError as e:
             if "credentials" not in str(e):
                 raise
             print(f"(bucket not checked: {e})")
+            step = 0
     else:
-        check_bucket(args)
+        step = check_bucket(args)
         project = check_project(args)
+    ft = args.finetune
+    if ft.until_step is None and ft.steps > 0:
+        # A retried task must finish this run, not add --steps again to what its predecessor saved.
+        args.job_args += ["--until-step", str(step + ft.steps)]
+        if step:
+            print(f"gs://{args.bucket}/{args.run_name} is at step {step}: the job continues it to step "
+                  f"{step + ft.steps}")
     steps, logs = commands(args, project)
     run_url = f"gs://{args.bucket}/{args.run_name}"
     deploy = ["gcloud", "builds", "submit", f"--project={project}", "--config=cloudbuild.yaml",

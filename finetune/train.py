@@ -323,11 +323,15 @@ class Trainer:
         self.build()
         self.restore()
         args = self.args
-        end = self.start + args.steps if args.steps > 0 else None
+        end = args.until_step or (self.start + args.steps if args.steps > 0 else None)
+        if end is not None and end <= self.start:
+            self.sess.close()
+            print(f"{self.run_dir} is at step {self.start} already: nothing to train (--until-step {end})")
+            return self.run_dir
         step = self.start
         avg = (0.0, 0.0)  # gpt-2-simple's running average: decayed sum, decayed count
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(total=args.steps if args.steps > 0 else None, unit="step", desc=args.run_name,
+        bar = tqdm(total=end and end - self.start, unit="step", desc=args.run_name,
                    dynamic_ncols=True)
         last_saved = None
         try:

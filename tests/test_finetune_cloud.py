@@ -76,7 +76,7 @@ def test_dry_run_prints_every_command_flag_by_flag(bucket):
     assert job_args[0] == job_args[2] == "^"  # gcloud's alternate delimiter syntax
     assert job_args[3:].split(delimiter) == [
         "--dataset", f"gs://{b.name}/corpus.txt", "--run-name", "aita", "--upload", f"gs://{b.name}/aita",
-        "--require-gpu", "--steps", "1000", "--window", "256", "--learning-rate", "5e-5"]
+        "--require-gpu", "--steps", "1000", "--window", "256", "--learning-rate", "5e-5", "--until-step", "1000"]
 
     assert execute[:5] == ["gcloud", "run", "jobs", "execute", "gpt2-finetune"]
     assert flags(execute) == {"--project": "my-project", "--region": "europe-west4", "--wait": True}
@@ -238,3 +238,16 @@ def test_training_image_refuses_to_train_without_the_gpu_it_was_promised(podman,
                         result.stderr.strip().splitlines()[-1]), result.stderr
     assert time.monotonic() - started < 120
     assert [blob.name for blob in b.list_blobs()] == ["corpus.txt"]
+
+
+def test_a_run_already_in_the_bucket_is_continued_to_steps_more(bucket):
+    """The job gets --until-step, so that a retried task finishes the run instead of adding --steps again."""
+    b, env = bucket
+    b.blob("run1/checkpoint").upload_from_string('model_checkpoint_path: "model-40"\n'
+                                                 'all_model_checkpoint_paths: "model-40"\n')
+    result = cloud("--bucket", b.name, "--dataset", f"gs://{b.name}/corpus.txt", "--dry-run", "--steps", "100",
+                   env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"gs://{b.name}/run1 is at step 40: the job continues it to step 140\n" in result.stdout
+    deploy = next(line for line in result.stdout.splitlines() if line.startswith("gcloud run jobs deploy"))
+    assert deploy.endswith("|--steps|100|--until-step|140'")

@@ -197,3 +197,17 @@ def test_a_second_process_on_the_run_is_refused_and_two_sigterms_keep_the_run_wh
     assert result.returncode == 0, result.stderr
     assert (run / "counter").read_text() == f"{saved + 1}\n"
     assert [r[0] for r in read_loss(run)][-1] == saved + 1
+
+
+def test_until_step_trains_only_what_is_left(tiny_run, tmp_path, tiny_corpus):
+    """What a retried cloud task does: the same command twice ends at the same step."""
+    shutil.copytree(tiny_run, tmp_path / "run1")
+    common = [*TINY_MODEL_ARGS, *QUICK, "--dataset", tiny_corpus, "--checkpoint-dir", tmp_path, "--until-step", "102"]
+    result = run_finetune(*common)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run1" / "counter").read_text() == "102\n"
+    again = run_finetune(*common)
+    assert again.returncode == 0, again.stderr
+    assert f"{tmp_path / 'run1'} is at step 102 already: nothing to train (--until-step 102)" in again.stdout
+    assert (tmp_path / "run1" / "counter").read_text() == "102\n"
+    assert [r[0] for r in read_loss(tmp_path / "run1")][-1] == 102
