@@ -179,19 +179,19 @@ def schema(kind):
     return [bigquery.SchemaField(name, bq_type) for name, bq_type in [*FIELDS[kind].items(), (KEY, "STRING")]]
 
 
-def ensure_table(client, table, kind, timeout):
+def ensure_table(client, table, kind, calls):
     """Create the table, partitioned by month and clustered by subreddit_key, or check the one there."""
     from google.api_core.exceptions import NotFound
     from google.cloud import bigquery
 
     try:
-        existing = client.get_table(table, timeout=timeout)
+        existing = client.get_table(table, **calls)
     except NotFound:
         new = bigquery.Table(table, schema=schema(kind))
         new.time_partitioning = bigquery.TimePartitioning(type_=bigquery.TimePartitioningType.MONTH,
                                                           field="created_utc")
         new.clustering_fields = [KEY]
-        client.create_table(new, timeout=timeout)
+        client.create_table(new, **calls)
         return
     missing = {*FIELDS[kind], KEY} - {field.name for field in existing.schema}
     if missing:
@@ -214,6 +214,8 @@ class Loader:
     """Loads dump files into one table through a staging table; see the module's docstring."""
 
     def __init__(self, args):
+        from google.cloud import bigquery
+
         self.args = args
         self.client, _ = make_client(args)
         self.subreddits = {s.lower() for s in args.subreddit or []}
@@ -221,7 +223,8 @@ class Loader:
         self.prefix = args.staging.split("/", 3)[3].strip("/") if args.staging else None
         self.job = None  # the load job in progress, cancelled on Ctrl-C
         self.merged_anyway = False  # Ctrl-C came while a MERGE was finishing
-        self.client.create_dataset(args.table.rsplit(".", 1)[0], exists_ok=True, timeout=args.timeout)
+        self.calls = {"retry": bigquery.DEFAULT_RETRY.with_timeout(args.timeout), "timeout": args.timeout}
+        self.client.create_dataset(args.table.rsplit(".", 1)[0], exists_ok=True, **self.calls)
 
     def load_file(self, path):
         """Stage one file, then merge it into the table; return (kind, counts)."""
@@ -246,7 +249,7 @@ class Loader:
                     counts["other subreddits"] += 1
                     continue
                 if counts["staged"] == 0:  # the first row: the kind is known, check the table now
-                    ensure_table(self.client, self.args.table, kind, self.args.timeout)
+                    ensure_table(self.client, self.args.table, kind, self.calls)
                     self.create_staging(staging, kind)
                     first = last = row["created_utc"]
                 first, last = min(first, row["created_utc"]), max(last, row["created_utc"])
@@ -266,7 +269,7 @@ class Loader:
                     staged.append(self.stage(chunk, staging, kind, len(staged)))
                 if self.bucket:  # every chunk in Cloud Storage: one load job
                     self.run_job(self.client.load_table_from_uri(staged, staging, job_config=load_config(kind),
-                                                                 timeout=self.args.timeout))
+                                                                 **self.calls))
                 counts["added"] = self.merge(staging, kind, first, last)
             return kind, counts
         finally:
@@ -277,7 +280,7 @@ class Loader:
 
     def run_job(self, job):
         self.job = job
-        job.result(timeout=self.args.timeout)
+        job.result(**self.calls)
         self.job = None
         return job
 
@@ -286,7 +289,7 @@ class Loader:
 
         table = bigquery.Table(staging, schema=schema(kind))
         table.expires = datetime.now(timezone.utc) + timedelta(days=1)  # gone a day later even if we are killed
-        self.client.create_table(table, timeout=self.args.timeout)
+        self.client.create_table(table, **self.calls)
 
     def stage(self, chunk, staging, kind, number):
         """One NDJSON chunk: loaded into the staging table now, or uploaded for one load job later (its URI)."""
@@ -315,9 +318,10 @@ class Loader:
         config = bigquery.QueryJobConfig(query_parameters=[
             bigquery.ScalarQueryParameter("first", "TIMESTAMP", datetime.fromtimestamp(first, timezone.utc)),
             bigquery.ScalarQueryParameter("last", "TIMESTAMP", datetime.fromtimestamp(last, timezone.utc))])
-        job = self.client.query(merge_sql(self.args.table, staging, kind), job_config=config, timeout=self.args.timeout)
+        job = self.client.query(merge_sql(self.args.table, staging, kind), job_config=config, job_retry=None,
+                                **self.calls)
         try:
-            job.result(timeout=self.args.timeout)
+            job.result(**self.calls)
         except KeyboardInterrupt:
             job.cancel(timeout=10)
             try:  # cancelling comes too late if the MERGE has finished: then its rows are in, all of them
@@ -335,7 +339,7 @@ class Loader:
             except Exception:  # noqa: BLE001 - finished or unreachable: nothing to stop
                 pass
             self.job = None
-        self.client.delete_table(staging, not_found_ok=True, timeout=self.args.timeout)
+        self.client.delete_table(staging, not_found_ok=True, **self.calls)
         for uri in uris:
             self.bucket.blob(uri.split("/", 3)[3]).delete(timeout=self.args.timeout)
 

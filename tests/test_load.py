@@ -285,6 +285,14 @@ def test_bad_arguments_one_line(args, message, comments_file):
     assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
 
 
+def test_unreachable_bigquery_one_line(comments_file):
+    result = run_load(comments_file, "--table", f"{PROJECT}.reddit.comments", "--endpoint",
+                      f"http://127.0.0.1:{free_port()}", "--timeout", "2")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: BigQuery: cannot reach http://127.0.0.1:") and "Connection refused" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
 def test_missing_file_one_line(tmp_path):
     result = run_load(tmp_path / "RC_2019-01.zst", "--table", f"{PROJECT}.reddit.comments")
     assert result.returncode == 2
