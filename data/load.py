@@ -232,7 +232,7 @@ class Loader:
         kind, first, last = self.args.kind, None, None
         staging = f"{self.args.table}__staging_{uuid.uuid4().hex[:12]}"
         chunk, chunk_bytes, staged = tempfile.TemporaryFile(), 0, []
-        bar, began = self.progress_bar(path), time.monotonic()
+        bar = self.progress_bar(path, counts)
         try:
             for line in dump_lines(path, bar.update_to if bar else None):
                 if not line.strip():
@@ -261,9 +261,6 @@ class Loader:
                 if chunk_bytes >= self.args.chunk_mb * 10**6:
                     staged.append(self.stage(chunk, staging, kind, len(staged)))
                     chunk, chunk_bytes = tempfile.TemporaryFile(), 0
-                if bar is not None and counts["staged"] % 1000 == 0:
-                    rate = counts["staged"] / max(time.monotonic() - began, 1e-9)
-                    bar.set_postfix_str(f"{counts['staged']:,} rows kept, {rate:,.0f} rows/s", refresh=False)
             if counts["staged"]:
                 if chunk_bytes:
                     staged.append(self.stage(chunk, staging, kind, len(staged)))
@@ -275,6 +272,7 @@ class Loader:
         finally:
             chunk.close()
             if bar is not None:
+                bar.update_to(bar.n)  # the rows of the last read
                 bar.close()
             self.clean_up(staging, staged if self.bucket else [])
 
@@ -343,14 +341,19 @@ class Loader:
         for uri in uris:
             self.bucket.blob(uri.split("/", 3)[3]).delete(timeout=self.args.timeout)
 
-    def progress_bar(self, path):
-        """A bar over the compressed bytes read, with an estimate of the time left; None with --quiet."""
+    def progress_bar(self, path, counts):
+        """A bar over the compressed bytes read, with the time left and rows kept; None with --quiet."""
         if self.args.quiet:
             return None
         from tqdm import tqdm
 
-        bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=path.name, file=sys.stderr)
-        bar.update_to = lambda n: bar.update(n - bar.n)
+        bar, began = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=path.name, file=sys.stderr), time.monotonic()
+
+        def update_to(n):
+            rate = counts["staged"] / max(time.monotonic() - began, 1e-9)
+            bar.set_postfix_str(f"{counts['staged']:,} rows kept, {rate:,.0f} rows/s", refresh=False)
+            bar.update(n - bar.n)
+        bar.update_to = update_to
         return bar
 
 

@@ -144,6 +144,7 @@ def test_load_comments_exact_rows_partitioned_table_and_reload(bigquery, comment
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout.splitlines()[0] == f"{comments_file}: comments"
+    assert f"{comments_file.name}: 100%" in result.stderr and "5 rows kept" in result.stderr  # the progress bar
     assert figures(result.stdout) == {
         "lines": 12, "bad: not JSON": 2, "bad: not an object": 1, "bad: missing field": 1, "bad: wrong type": 3,
         "skipped: other subreddits": 0, "staged": 5, "added to the table": 5, "already there or repeated": 0}
