@@ -179,14 +179,17 @@ def schema(kind):
     return [bigquery.SchemaField(name, bq_type) for name, bq_type in [*FIELDS[kind].items(), (KEY, "STRING")]]
 
 
-def ensure_table(client, table, kind, calls):
-    """Create the table, partitioned by month and clustered by subreddit_key, or check the one there."""
+def ensure_table(client, table, kind, calls, create=True):
+    """Check that a table there has the kind's columns; else create it (with create), partitioned by month
+    and clustered by subreddit_key."""
     from google.api_core.exceptions import NotFound
     from google.cloud import bigquery
 
     try:
         existing = client.get_table(table, **calls)
     except NotFound:
+        if not create:
+            return
         new = bigquery.Table(table, schema=schema(kind))
         new.time_partitioning = bigquery.TimePartitioning(type_=bigquery.TimePartitioningType.MONTH,
                                                           field="created_utc")
@@ -249,10 +252,10 @@ class Loader:
                     counts["other subreddits"] += 1
                     continue
                 if counts["staged"] == 0:  # the first row: the kind is known, check the table now
-                    ensure_table(self.client, self.args.table, kind, self.calls)
+                    ensure_table(self.client, self.args.table, kind, self.calls, create=False)
                     self.create_staging(staging, kind)
                     first = last = row["created_utc"]
-                first, last = min(first, row["created_utc"]), max(last, row["created_utc"])
+                first, last = min(first, row["created_utc"]), max(last, row["created_utc"])  # for the MERGE
                 row["created_utc"] = timestamp_text(row["created_utc"])
                 data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
                 chunk.write(data)
@@ -267,6 +270,7 @@ class Loader:
                 if self.bucket:  # every chunk in Cloud Storage: one load job
                     self.run_job(self.client.load_table_from_uri(staged, staging, job_config=load_config(kind),
                                                                  **self.calls))
+                ensure_table(self.client, self.args.table, kind, self.calls)  # only now: a failed file leaves none
                 counts["added"] = self.merge(staging, kind, first, last)
             return kind, counts
         finally:

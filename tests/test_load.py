@@ -236,6 +236,10 @@ def test_not_zstd_or_truncated_one_line_table_unchanged(bigquery, comments_file,
         assert (result.returncode, result.stderr) == (1, message)
         assert rows(bigquery, table, "id") == [("c100",)]
     assert tables(bigquery, "broken") == ["comments"]
+    result = run_load(tmp_path / "truncated.zst", "--table", f"{PROJECT}.broken.new", "--endpoint", bigquery.url,
+                      "--quiet")
+    assert result.returncode == 1
+    assert tables(bigquery, "broken") == ["comments"]  # no table made for a file that failed
 
 
 def test_corrupt_frame_names_the_byte_range(tmp_path):
