@@ -1,7 +1,9 @@
 """python -m app: load the model (or exit 1 saying what is wrong), then serve it on $PORT.
 
-Logs are JSON lines. On SIGTERM (Cloud Run scaling in) uvicorn stops accepting connections, lets
-the requests in flight finish (up to 9 s of Cloud Run's 10), and the process exits with status 0.
+Logs are JSON lines. On SIGTERM (Cloud Run scaling in) the server stops accepting connections,
+refuses the queued requests (503, Retry-After), lets the generation in flight run for up to
+DRAIN_SECONDS, then stops it between tokens (503, or an `error` event for a stream), and the
+process exits with status 0 well within Cloud Run's 10 s.
 """
 import logging
 import logging.config
@@ -12,16 +14,32 @@ import sys
 import uvicorn
 
 from app import logs
-from app.engine import GPT2, ModelError
-from app.main import MODEL_DIR, app
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which on the first SIGTERM or Ctrl+C also drains the gate (see app.main.Gate)."""
+
+    def __init__(self, config, app):
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig, frame):
+        gate = getattr(self.app.state, "gate", None)
+        if gate is not None and not self.should_exit:  # a signal handler: hand over to the event loop
+            gate.loop.call_soon_threadsafe(gate.drain)
+        super().handle_exit(sig, frame)
 
 
 def main():
     logging.config.dictConfig(logs.LOG_CONFIG)
+    logging.captureWarnings(True)  # NumPy's RuntimeWarnings as JSON lines too
     port = os.environ.get("PORT", "8080")
-    if not (port.isdigit() and 0 < int(port) < 65536):  # uvicorn would quietly take 99999 as 34463
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):  # uvicorn would take 99999 as 34463
         logs.log(logging.ERROR, f"PORT must be a number from 1 to 65535, got {port!r}")
         sys.exit(1)
+    from app.main import MODEL_DIR, app  # after the logging set-up: a bad setting there is logged
+    from app.engine import GPT2, ModelError
+
     try:
         app.state.model = GPT2(MODEL_DIR)
     except ModelError as e:
@@ -31,9 +49,10 @@ def main():
     # (of dying by SIGTERM, or a KeyboardInterrupt traceback for Ctrl+C).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
+    # timeout_graceful_shutdown is a backstop: the drain ends the requests in flight before it.
     config = uvicorn.Config(app, host=os.environ.get("HOST", "0.0.0.0"), port=int(port), log_config=logs.LOG_CONFIG,
-                            access_log=False, server_header=False, timeout_graceful_shutdown=9)
-    uvicorn.Server(config).run()
+                            access_log=False, server_header=False, timeout_graceful_shutdown=8)
+    Server(config, app).run()
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ LOG_CONFIG = {
         "uvicorn": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
         "uvicorn.error": {"level": "INFO"},
         "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+        "py.warnings": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
     },
 }
 

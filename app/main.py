@@ -7,17 +7,18 @@ Settings come from the environment: MODEL_DIR (default checkpoint/run1), ALLOWED
 separated, default *), QUEUE_SIZE (requests that may wait, default 4), PREFIX_MAX_CHARS (default 500).
 """
 import asyncio
+import collections
 import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from urllib.parse import parse_qsl
 
 import ujson
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -44,6 +45,9 @@ ALLOWED_ORIGINS = [o.strip() for o in os.environ.get("ALLOWED_ORIGINS", "*").spl
 QUEUE_SIZE = env_int("QUEUE_SIZE", 4)
 PREFIX_MAX_CHARS = env_int("PREFIX_MAX_CHARS", 500)
 BODY_MAX_BYTES = 16 * 1024
+BODY_SECONDS = 10  # the whole body must arrive within this, or 408
+DRAIN_SECONDS = 5  # after SIGTERM, a generation in flight may go on this long; Cloud Run kills at 10 s
+CHECK_SECONDS = 0.25  # how often a long token is interrupted to check for a departed client or SIGTERM
 STATIC_DIR = Path(__file__).parent / "static"
 
 
@@ -60,34 +64,133 @@ def error(status, message, parameter=None, headers=None):
 
 
 class Busy(Exception):
-    pass
+    """Refused: a generation is running and the queue is full."""
+
+
+class ShuttingDown(Exception):
+    """Refused or stopped: the server got SIGTERM (see Gate.drain)."""
+
+
+class ClientLeft(Exception):
+    """The client hung up before its answer was ready."""
 
 
 class Gate:
-    """One generation at a time; up to `size` requests wait their turn (in order), more are refused."""
+    """One generation at a time; up to `size` requests wait their turn (in order), more are refused.
+
+    drain() (on SIGTERM) refuses the waiting at once and anyone new, and sets the deadline at which
+    the generation running stops between tokens (see `steps`), so that the process exits within
+    Cloud Run's 10 s."""
 
     def __init__(self, size):
         self.size = size
-        self.lock = asyncio.Lock()
-        self.waiting = 0
+        self.running = False
+        self.waiting = collections.deque()  # one future per waiting request, first come first served
         self.typical_seconds = 2.0  # a running average, for Retry-After
+        self.deadline = None  # time.monotonic() at which a generation in flight stops; set by drain()
+        self.loop = asyncio.get_running_loop()
 
     async def enter(self):
-        if self.lock.locked() and self.waiting >= self.size:
+        if self.deadline is not None:
+            raise ShuttingDown()
+        if not self.running:
+            self.running = True
+            return
+        if len(self.waiting) >= self.size:
             raise Busy()
-        self.waiting += 1
+        turn = self.loop.create_future()
+        self.waiting.append(turn)
         try:
-            await self.lock.acquire()
-        finally:
-            self.waiting -= 1
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                self.leave()  # the turn came as this request was cancelled: pass it on
+            elif turn in self.waiting:
+                self.waiting.remove(turn)
+            raise
 
     def leave(self, seconds=None):
         if seconds:
             self.typical_seconds = 0.7 * self.typical_seconds + 0.3 * seconds
-        self.lock.release()
+        while self.waiting:
+            turn = self.waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.running = False
+
+    def drain(self, seconds=DRAIN_SECONDS):
+        self.deadline = time.monotonic() + seconds
+        while self.waiting:
+            turn = self.waiting.popleft()
+            if not turn.done():
+                turn.set_exception(ShuttingDown())
+
+    def stopping(self):
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def retry_after(self):
-        return max(1, math.ceil(self.typical_seconds * (self.waiting + 1)))
+        return max(1, math.ceil(self.typical_seconds * (len(self.waiting) + 1)))
+
+
+_DONE = object()
+
+
+async def steps(request, generation, gate):
+    """Run `generation` in a worker thread and yield its new text piece by piece. The caller holds the gate.
+
+    It stops with ClientLeft when the client hung up, or ShuttingDown once the drain deadline passed
+    (checked between tokens, and every CHECK_SECONDS during a long one); the thread then ends after
+    the token it is on. Use it with contextlib.aclosing, so that the thread is told to stop however
+    the caller ends."""
+    if await request.is_disconnected():
+        raise ClientLeft()  # gave up while waiting in the queue
+    loop = asyncio.get_running_loop()
+    pieces = asyncio.Queue()
+    stop = threading.Event()
+
+    def put(item):
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: the process is exiting
+            loop.call_soon_threadsafe(pieces.put_nowait, item)
+
+    def work():
+        try:
+            for piece in generation:
+                if stop.is_set():
+                    return
+                put(piece)
+        except Exception as e:
+            put(e)
+        else:
+            put(_DONE)
+
+    threading.Thread(target=work, name="generation", daemon=True).start()
+    try:
+        while True:
+            try:
+                piece = await asyncio.wait_for(pieces.get(), CHECK_SECONDS)
+            except TimeoutError:
+                piece = None
+            if gate.stopping():
+                raise ShuttingDown()
+            if await request.is_disconnected():
+                raise ClientLeft()
+            if piece is _DONE:
+                return
+            if isinstance(piece, Exception):
+                raise piece
+            if piece is not None:
+                yield piece
+    finally:
+        stop.set()
+
+
+async def run(request, generation, gate):
+    """The whole answer, generated between the same checks as a stream (see `steps`)."""
+    async with contextlib.aclosing(steps(request, generation, gate)) as pieces:
+        async for _ in pieces:
+            pass
+    return generation.result
 
 
 # ---------------------------------------------------------------- reading parameters
@@ -108,25 +211,38 @@ def query_params(raw):
     return given
 
 
-async def json_params(request):
+async def read_body(request):
+    """The body, read before the gate so that a slow or silent sender never holds it: at most
+    BODY_MAX_BYTES, within BODY_SECONDS. GET and HEAD take none (refused unread)."""
+    size = request.headers.get("content-length", "0")
+    if request.method in ("GET", "HEAD") and (size != "0" or "transfer-encoding" in request.headers):
+        raise ParamError(f"{request.method} takes no body: put the parameters in the query string, "
+                         "or POST them as JSON")
+    if size.isascii() and size.isdigit() and int(size) > BODY_MAX_BYTES:
+        raise ParamError(f"the body is {size} bytes; at most {BODY_MAX_BYTES} are allowed", status=413)
+    body = bytearray()
+    try:
+        async with asyncio.timeout(BODY_SECONDS):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > BODY_MAX_BYTES:
+                    raise ParamError(f"the body is over {BODY_MAX_BYTES} bytes; at most {BODY_MAX_BYTES} are "
+                                     "allowed", status=413)
+    except TimeoutError:
+        raise ParamError(f"the body did not arrive within {BODY_SECONDS} s", status=408) from None
+    return bytes(body)
+
+
+def json_params(request, body):
     if request.scope["query_string"]:
         first = next(iter(query_params(request.scope["query_string"])), None)
         raise ParamError("POST takes its parameters in the JSON body, not in the query string", first)
-    size = request.headers.get("content-length", "0")
-    if size.isdigit() and int(size) > BODY_MAX_BYTES:
-        raise ParamError(f"the body is {size} bytes; at most {BODY_MAX_BYTES} are allowed", status=413)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > BODY_MAX_BYTES:
-            raise ParamError(f"the body is over {BODY_MAX_BYTES} bytes; at most {BODY_MAX_BYTES} are allowed",
-                             status=413)
     if not body.strip():
         return {}  # a bare POST: every parameter at its default
     if not is_utf8_json(request.headers.get("content-type", "")):
         raise ParamError("POST / takes a JSON object with Content-Type: application/json (UTF-8)", status=415)
     try:
-        data = ujson.loads(bytes(body).decode("utf-8"))
+        data = ujson.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise ParamError("the body is not valid UTF-8") from None
     except ValueError as e:
@@ -145,42 +261,39 @@ def is_utf8_json(content_type):
 
 
 def prompt_for(model, values):
-    """The prefix as token ids (gpt-2-simple starts from <|endoftext|> without one), checked against n_ctx."""
-    prefix = values["prefix"]
+    """The prefix as token ids (gpt-2-simple starts from <|endoftext|> without one), checked against n_ctx:
+    all samples together hold at most n_ctx tokens, prefix included, which bounds a request's memory
+    (its share of the key/value cache) and its time."""
+    prefix, nsamples = values["prefix"], values["nsamples"]
     if not prefix:
         prompt = [model.tokenizer.end_token]
     else:
         prompt = model.tokenizer.encode(prefix)
         if model.tokenizer.decode(prompt) != prefix:
             raise ParamError("prefix has characters the model's vocabulary cannot encode", "prefix")
-    room = model.n_ctx - len(prompt)
+    context = model.n_ctx // nsamples
+    budget = f"{model.n_ctx} tokens (the model's context)" if nsamples == 1 else \
+        f"{context} tokens with nsamples={nsamples} (the model's context, {model.n_ctx}, shared by the samples)"
+    room = context - len(prompt)
     if room < 1:
-        raise ParamError(f"prefix is {len(prompt)} tokens; prefix and length together can be at most "
-                         f"{model.n_ctx} tokens (the model's context)", "prefix")
+        raise ParamError(f"prefix is {len(prompt)} tokens; prefix and length together can be at most {budget}",
+                         "prefix")
     if values["length"] > room:
         raise ParamError(f"length must be at most {room} with this prefix ({len(prompt)} tokens): prefix and "
-                         f"length together can be at most {model.n_ctx} tokens (the model's context)", "length")
+                         f"length together can be at most {budget}", "length")
     return prompt
-
-
-async def client_left(request):
-    try:
-        if request.method == "GET":
-            await request.body()  # take the empty body, so that the next receive reports a disconnect
-        return await request.is_disconnected()
-    except ClientDisconnect:
-        return True
 
 
 # ---------------------------------------------------------------- routes
 
 
 async def generate(request):
-    if request.method == "HEAD":  # uptime checks: alive and loaded, nothing generated
-        return Response(status_code=200, media_type="application/json")
     state = request.app.state
     try:
-        given = query_params(request.scope["query_string"]) if request.method == "GET" else await json_params(request)
+        body = await read_body(request)
+        if request.method == "HEAD":  # uptime checks: alive and loaded, nothing generated
+            return Response(status_code=200, media_type="application/json")
+        given = query_params(request.scope["query_string"]) if request.method == "GET" else json_params(request, body)
         values = parse(state.table, given)
         prompt = prompt_for(state.model, values)
     except ParamError as e:
@@ -190,6 +303,7 @@ async def generate(request):
         return Response(status_code=499)  # the client left while sending; nobody is listening
 
     request.state.log = fields = {"params": values, "prompt_tokens": len(prompt)}
+    generation = Generation(state.model, prompt, **{k: v for k, v in values.items() if k != "stream"})
     try:
         await state.gate.enter()
     except Busy:
@@ -198,18 +312,34 @@ async def generate(request):
         return UJSONResponse({"error": f"busy: one generation runs at a time and {state.gate.size} are waiting; "
                                        f"retry in {retry} s", "retry_after": retry},
                              429, headers={"Retry-After": str(retry)})
-    generation = Generation(state.model, prompt, **{k: v for k, v in values.items() if k != "stream"})
+    except ShuttingDown:
+        return shutting_down(fields)
     if values["stream"]:
-        return GenerationStream(generation, state.gate, fields)
+        return GenerationStream(request, generation, state.gate, fields)
     try:
-        if await client_left(request):  # gave up while waiting in the queue
-            fields["disconnected"] = True
-            return Response(status_code=499)
-        result = await run_in_threadpool(generation.run)
+        result = await run(request, generation, state.gate)
+    except ClientLeft:
+        fields.update(disconnected=True, tokens=tokens_so_far(generation))
+        return Response(status_code=499)
+    except ShuttingDown:
+        fields["tokens"] = tokens_so_far(generation)
+        return shutting_down(fields)
     finally:
         state.gate.leave(generation.result and generation.result["seconds"])
     fields.update({k: result[k] for k in ("tokens", "stop_reason", "seconds")})
     return UJSONResponse(result)
+
+
+SHUTDOWN_ERROR = {"error": "the server is shutting down; retry in 1 s", "retry_after": 1}
+
+
+def shutting_down(fields):
+    fields["error"] = "shutting down"
+    return UJSONResponse(SHUTDOWN_ERROR, 503, headers={"Retry-After": "1"})
+
+
+def tokens_so_far(generation):
+    return len(generation.samples[0].ids)
 
 
 def sse(data, event=None):
@@ -219,19 +349,26 @@ def sse(data, event=None):
 
 class GenerationStream(StreamingResponse):
     """Server-Sent Events for one generation: a `data: {"text": piece}` event per new piece, then
-    `event: done` with the full answer. However it ends (done, error, client gone), the model and
-    the gate are freed: a step in a worker thread always completes before anything is closed."""
+    `event: done` with the full answer, or `event: error` when it failed or the server is shutting
+    down. It holds the gate until it ends, however it ends (done, error, client gone, cancelled)."""
 
-    def __init__(self, generation, gate, fields):
-        self.generation, self.steps, self.gate, self.fields = generation, iter(generation), gate, fields
-        super().__init__(self.events(), media_type="text/event-stream",
+    def __init__(self, request, generation, gate, fields):
+        self.generation, self.gate, self.fields = generation, gate, fields
+        super().__init__(self.events(request), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def events(self):
+    async def events(self, request):
         try:
-            while (piece := await run_in_threadpool(next, self.steps, None)) is not None:
-                if piece:
-                    yield sse({"text": piece})
+            async with contextlib.aclosing(steps(request, self.generation, self.gate)) as pieces:
+                async for piece in pieces:
+                    if piece:
+                        yield sse({"text": piece})
+        except ClientLeft:
+            return
+        except ShuttingDown:
+            self.fields["error"] = "shutting down"
+            yield sse(SHUTDOWN_ERROR, "error")
+            return
         except Exception:
             logs.logger.exception("generation failed")
             self.fields["error"] = "generation failed"
@@ -243,14 +380,15 @@ class GenerationStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
-            self.steps.close()  # releases the model if the client left mid-way
             result = self.generation.result
             self.gate.leave(result and result["seconds"])
             if result:
                 self.fields.update({k: result[k] for k in ("tokens", "stop_reason", "seconds")})
-            elif "error" not in self.fields:  # the client left: say how far it got
-                self.fields.update(disconnected=True, tokens=len(self.generation.samples[0].ids))
+            else:
+                self.fields["tokens"] = tokens_so_far(self.generation)
+                if "error" not in self.fields:  # the client left
+                    self.fields["disconnected"] = True
+            await self.body_iterator.aclose()  # tells the worker thread to stop, if it still runs
 
 
 async def limits_route(request):
@@ -313,7 +451,7 @@ async def lifespan(app):
         app.state.model = GPT2(MODEL_DIR)
     model = app.state.model
     app.state.table = parameters(model.n_ctx, model.n_vocab, PREFIX_MAX_CHARS, MAX_NSAMPLES)
-    app.state.gate = Gate(QUEUE_SIZE)
+    app.state.gate = Gate(QUEUE_SIZE)  # `python -m app` drains it on SIGTERM
     log(logging.INFO, f"serving {model.run_dir} ({model.manifest['checkpoint']})", n_layer=model.n_layer,
         n_embd=model.n_embd, n_ctx=model.n_ctx, n_vocab=model.n_vocab, allowed_origins=ALLOWED_ORIGINS)
     yield

@@ -1,0 +1,218 @@
+"""Issue 14: one request must never stall the service, and SIGTERM must end `python -m app` cleanly
+within Cloud Run's 10 s. Over real HTTP (and raw sockets, for what httpx will not send) against
+`python -m app` in a subprocess, on a model big enough that a generation takes many seconds: the
+124M shape (12 layers, 768 wide) with the tiny run's small vocabulary, random weights.
+"""
+import concurrent.futures
+import contextlib
+import signal
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import psutil
+import pytest
+
+from conftest import find_free_port
+from test_server import client_ports, read_sse, running_server, start_server, stop_server, wait_for_new_client, \
+    write_random_run
+
+DRAIN_SECONDS = 5  # app.main.DRAIN_SECONDS: how long a generation may go on after SIGTERM
+
+
+@pytest.fixture(scope="module")
+def big_run(tiny_run, tmp_path_factory):
+    return write_random_run(tmp_path_factory.mktemp("big") / "run1", tiny_run, n_layer=12)
+
+
+@pytest.fixture(scope="module")
+def big_server(big_run, tmp_path_factory):
+    log = tmp_path_factory.mktemp("big_server") / "server.log"
+    with running_server(big_run, find_free_port(), log) as s:
+        yield s
+
+
+def raw_request(server, head, body=b""):
+    """A socket with `head` (the request line and headers, without the blank line) and `body` sent."""
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n\r\n" + body)
+    return sock
+
+
+def read_response(sock, head_request=False):
+    """(status, body bytes) of the first response on `sock` (a HEAD request's has no body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed without an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0 if head_request else int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                             if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split()[1]), body[:length]
+
+
+def timed(function, *args, **kwargs):
+    started = time.monotonic()
+    return function(*args, **kwargs), time.monotonic() - started
+
+
+def start_long_request(server, method="GET", **params):
+    """Send a request in a thread; return once the server holds its connection. future.result() is the response."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    before = client_ports(server)
+    kwargs = {"params": params} if method == "GET" else {"json": params}
+    future = pool.submit(httpx.request, method, server.url + "/", timeout=120, **kwargs)
+    wait_for_new_client(server, before)
+    pool.shutdown(wait=False)
+    return future
+
+
+def wait_for_log(server, predicate, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not (found := [e for e in server.logs() if predicate(e)]):
+        assert time.monotonic() < deadline, "no such log line"
+        time.sleep(0.05)
+    return found[-1]
+
+
+# ---------------------------------------------------------------- items 1 and 2: request bodies
+
+
+def test_a_get_with_a_body_never_sent_is_refused_at_once(big_server):
+    silent = raw_request(big_server, "GET /?length=5 HTTP/1.1\nHost: x\nContent-Length: 10")
+    with silent:
+        (status, body), seconds = timed(read_response, silent)
+        assert status == 400 and b"GET takes no body" in body and seconds < 5
+        # The socket is still open, and the service answers everyone else.
+        assert httpx.get(big_server.url + "/", params={"length": 3}, timeout=60).status_code == 200
+    for head in ("HEAD / HTTP/1.1\nHost: x\nContent-Length: 3",
+                 "GET /?length=5 HTTP/1.1\nHost: x\nTransfer-Encoding: chunked"):
+        with raw_request(big_server, head) as sock:
+            status, body = read_response(sock, head_request=head.startswith("HEAD"))
+            assert status == 400, head
+    # An empty body is no body.
+    assert httpx.request("GET", big_server.url + "/", params={"length": 2}, headers={"Content-Length": "0"},
+                         timeout=60).status_code == 200
+
+
+def test_a_huge_get_body_is_not_read(big_server):
+    process = psutil.Process(big_server.proc.pid)
+    before = process.memory_info().rss
+    size = 200 * 2**20
+    with raw_request(big_server, f"GET /?length=5 HTTP/1.1\nHost: x\nContent-Length: {size}") as sock:
+        def send():
+            chunk = b"x" * 2**20
+            with contextlib.suppress(OSError):
+                for _ in range(size // len(chunk)):
+                    sock.sendall(chunk)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        status, body = read_response(sock)
+        assert status == 400 and b"GET takes no body" in body
+        time.sleep(0.5)  # body bytes keep arriving meanwhile
+        assert process.memory_info().rss - before < 30 * 2**20
+        sock.shutdown(socket.SHUT_RDWR)
+    sender.join(timeout=10)
+
+
+def test_a_post_body_sent_too_slowly_gets_408_and_holds_nobody_up(big_server):
+    with raw_request(big_server, "POST / HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Length: 20",
+                     b'{"length"') as slow:
+        assert httpx.get(big_server.url + "/", params={"length": 3}, timeout=60).status_code == 200
+        (status, body), seconds = timed(read_response, slow)
+        assert status == 408 and b"did not arrive within 10 s" in body and seconds < 15
+
+
+# ---------------------------------------------------------------- item 3: a client that left
+
+
+def test_a_plain_request_whose_client_left_frees_the_model(big_server):
+    before = client_ports(big_server)
+    with raw_request(big_server, "GET /?length=1000&seed=1 HTTP/1.1\nHost: x"):
+        wait_for_new_client(big_server, before)
+        time.sleep(0.5)  # into the generation: 1000 tokens take far longer than this
+    left = time.monotonic()  # hung up
+    assert httpx.get(big_server.url + "/", params={"length": 3}, timeout=120).status_code == 200
+    entry = wait_for_log(big_server, lambda e: e.get("params", {}).get("length") == 1000)
+    assert entry["disconnected"] is True and entry["httpRequest"]["status"] == 499
+    assert 0 < entry["tokens"] < 1000
+    # The next request waited at most for the token in progress, not for the other 900-odd.
+    per_token = float(entry["httpRequest"]["latency"][:-1]) / entry["tokens"]
+    assert time.monotonic() - left < 100 * per_token + 5, per_token
+
+
+def test_work_per_request_is_bounded(big_server):
+    """nsamples copies of the context at most one context's worth of tokens (memory and time)."""
+    r = httpx.get(big_server.url + "/", params={"nsamples": 4, "length": 1023}, timeout=30)
+    assert r.status_code == 400 and r.json()["parameter"] == "length"
+    assert "at most 255" in r.json()["error"] and "nsamples=4" in r.json()["error"]
+    r = httpx.get(big_server.url + "/", params={"nsamples": 4, "length": 255, "top_k": 1}, timeout=300)
+    assert r.status_code == 200 and r.json()["tokens"] == 4 * 255
+
+
+# ---------------------------------------------------------------- items 4 and 5: SIGTERM
+
+
+def sigterm(server):
+    server.proc.send_signal(signal.SIGTERM)
+    return time.monotonic()
+
+
+def assert_exits_cleanly(server, signalled):
+    assert server.proc.wait(timeout=15) == 0
+    assert time.monotonic() - signalled < 10
+    text = server.log_path.read_text()
+    assert "Traceback" not in text and "already executing" not in text
+    entries = server.logs()  # every line is JSON
+    assert entries[-1]["message"] == "shut down" or any(e["message"] == "shut down" for e in entries)
+    with pytest.raises(httpx.TransportError):
+        httpx.head(server.url + "/", timeout=2)
+
+
+def test_sigterm_stops_a_long_generation_in_time_and_refuses_the_queue(big_run, tmp_path):
+    server = start_server(big_run, find_free_port(), tmp_path / "log")
+    try:
+        running = start_long_request(server, length=1000, seed=1)
+        queued = [start_long_request(server, length=20, seed=i) for i in range(2)]
+        time.sleep(0.5)  # into the generation
+        assert not running.done()
+        signalled = sigterm(server)
+        for future in queued:  # refused at once
+            r = future.result(timeout=5)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1" and "shutting down" in r.json()["error"]
+        assert time.monotonic() - signalled < 2
+        r = running.result(timeout=15)
+        stopped_after = time.monotonic() - signalled
+        assert r.status_code == 503 and r.json() == {"error": "the server is shutting down; retry in 1 s",
+                                                     "retry_after": 1}
+        assert DRAIN_SECONDS - 0.5 < stopped_after < DRAIN_SECONDS + 2
+        assert_exits_cleanly(server, signalled)
+        entry = [e for e in server.logs() if e.get("params", {}).get("length") == 1000][-1]
+        assert entry["httpRequest"]["status"] == 503 and 0 < entry["tokens"] < 1000
+    finally:
+        stop_server(server)
+
+
+def test_sigterm_ends_a_stream_with_an_error_event(big_run, tmp_path):
+    server = start_server(big_run, find_free_port(), tmp_path / "log")
+    try:
+        with httpx.stream("GET", server.url + "/", params={"stream": "true", "length": 1000, "seed": 1},
+                          timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))  # it is generating
+            signalled = sigterm(server)
+            events = read_sse(SimpleNamespace(iter_lines=lambda: lines))  # the rest of the stream
+        assert events[-1] == ("error", {"error": "the server is shutting down; retry in 1 s", "retry_after": 1})
+        assert all(name == "message" for name, _ in events[:-1])
+        assert_exits_cleanly(server, signalled)
+        entry = [e for e in server.logs() if e.get("params", {}).get("stream")][-1]
+        assert entry["error"] == "shutting down" and 0 < entry["tokens"] < 1000
+    finally:
+        stop_server(server)
