@@ -152,6 +152,23 @@ def test_gcloud_failures_become_one_line_naming_the_fix():
     assert explain(other, where) == "gcloud run jobs deploy failed: ERROR: (gcloud.run.jobs.deploy) Image 'x' not found."
 
 
+def test_training_image_config_lints_and_validates():
+    """finetune/Dockerfile lints clean; finetune/cloudbuild.yaml is a valid Cloud Build config that
+    builds that Dockerfile into the _IMAGE that python -m finetune.cloud passes."""
+    import yaml
+
+    from test_deploy_config import check_cloudbuild, hadolint
+
+    lint = hadolint(ROOT / "finetune" / "Dockerfile")
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    schema = check_cloudbuild(ROOT / "finetune" / "cloudbuild.yaml")
+    assert schema.returncode == 0, schema.stdout + schema.stderr
+    config = yaml.safe_load((ROOT / "finetune" / "cloudbuild.yaml").read_text())
+    build = next(step for step in config["steps"] if step["id"] == "build")
+    assert build["args"] == ["build", "--file=finetune/Dockerfile", "--tag=${_IMAGE}", "."]
+    assert config["images"] == ["${_IMAGE}"]
+
+
 # -- the training image, for real with podman ----------------------------------------------------
 
 TRAIN_IMAGE = "localhost/gpt2-run-test:finetune"
