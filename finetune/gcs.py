@@ -135,14 +135,18 @@ def download_file(url, path):
         blob = bucket.get_blob(key) if key else None
         if blob is None:
             raise UsageError(f"{url} does not exist")
-        for attempt in range(1, ATTEMPTS + 1):
-            blob.download_to_filename(path, checksum=None)  # verified below, both sums
-            problem = mismatch(blob, path)
-            if problem is None:
-                break
-            if attempt == ATTEMPTS:
-                raise UsageError(f"download of {url} failed its integrity check: {problem}")
+        fetch(blob, path, url)
     print(f"Downloaded {url} ({blob.size:,} bytes)")
+
+
+def fetch(blob, path, url):
+    """Download blob to path, again until its CRC32C/MD5 match (ATTEMPTS tries)."""
+    for _ in range(ATTEMPTS):
+        blob.download_to_filename(path, checksum=None)  # verified here, both sums
+        problem = mismatch(blob, path)
+        if problem is None:
+            return
+    raise UsageError(f"download of {url} failed its integrity check: {problem}")
 
 
 def run_files(run_dir):
@@ -177,13 +181,7 @@ def download(url, run_dir, model_dir):
                 if not path.startswith(work + os.sep):  # an object named ../x or /x must not escape
                     raise UsageError(f"refusing gs://{name}/{blob.name}: its name leads outside {target}")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                for attempt in range(1, ATTEMPTS + 1):
-                    blob.download_to_filename(path, checksum=None)  # verified below, both sums
-                    problem = mismatch(blob, path)
-                    if problem is None:
-                        break
-                    if attempt == ATTEMPTS:
-                        raise UsageError(f"download of {url} failed its integrity check: {problem}")
+                fetch(blob, path, url)
             problem = folder_problem(work, kind)
             if problem:
                 raise UsageError(f"{kind} at {url} is incomplete: {problem}")
