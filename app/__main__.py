@@ -32,7 +32,6 @@ class Server(uvicorn.Server):
 
 def main():
     logging.config.dictConfig(logs.LOG_CONFIG)
-    logging.captureWarnings(True)  # NumPy's RuntimeWarnings as JSON lines too
     port = os.environ.get("PORT", "8080")
     if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):  # uvicorn would take 99999 as 34463
         logs.log(logging.ERROR, f"PORT must be a number from 1 to 65535, got {port!r}")

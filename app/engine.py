@@ -35,7 +35,11 @@ def latest_checkpoint(run_dir):
     state = run_dir / "checkpoint"
     if not state.is_file():
         raise ModelError(f"{run_dir} has no `checkpoint` file: it is not a gpt-2-simple run folder")
-    match = re.search(r'^model_checkpoint_path:\s*"(.+)"\s*$', state.read_text(encoding="utf-8"), re.M)
+    try:
+        text = state.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ModelError(f"{state} is not text: the checkpoint is corrupt") from None
+    match = re.search(r'^model_checkpoint_path:\s*"(.+)"\s*$', text, re.M)
     if not match:
         raise ModelError(f"{state} names no model_checkpoint_path: the checkpoint is corrupt")
     return Path(match.group(1)).name
@@ -88,7 +92,7 @@ def load_weights(run_dir, hparams):
         try:
             # np.asarray drops the np.memmap subclass (its per-operation overhead), keeping the mapping.
             array = np.asarray(np.load(path, mmap_mode="r", allow_pickle=False))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
             raise ModelError(f"{path} is missing or unreadable ({e}): "
                              f"run `{EXPORT_COMMAND.format(run_dir)}`") from None
         if list(array.shape) != shape or array.dtype != np.float32:
@@ -128,9 +132,15 @@ class GPT2:
         try:
             hp = json.loads((run_dir / "hparams.json").read_text(encoding="utf-8"))
             self.n_vocab, self.n_ctx, self.n_embd, self.n_head, self.n_layer = (
-                int(hp[k]) for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"))
+                hp[k] for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"))
         except (ValueError, KeyError, TypeError) as e:
             raise ModelError(f"{run_dir / 'hparams.json'} is corrupt ({e!r})") from None
+        for name in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):  # not 1e999, Infinity, 12.5 or true
+            if type(hp[name]) is not int:
+                raise ModelError(f"{run_dir / 'hparams.json'} is corrupt: {name} is {hp[name]!r}, not an integer")
+        if min(self.n_vocab, self.n_ctx, self.n_embd, self.n_layer) < 1:
+            raise ModelError(f"{run_dir / 'hparams.json'} is corrupt: n_vocab, n_ctx, n_embd and n_layer must be "
+                             "at least 1")
         # n_head is the one hparam no weight's shape shows: a wrong one would fail every request.
         if self.n_head < 1 or self.n_embd % self.n_head:
             raise ModelError(f"{run_dir / 'hparams.json'} is corrupt: n_embd {self.n_embd} is not a multiple "
@@ -149,11 +159,9 @@ class GPT2:
             for k in ("attn/c_attn/w", "attn/c_proj/w", "mlp/c_fc/w", "mlp/c_proj/w"):
                 self.blocks[i][k] = w[p + k][0]  # [1, nx, nf] -> [nx, nf], a view
         try:
-            self.tokenizer = Tokenizer(run_dir)
+            self.tokenizer = Tokenizer(run_dir, self.n_vocab)
         except Exception as e:  # tokenizers raises its own exception types for bad files
             raise ModelError(f"the tokenizer files in {run_dir} are corrupt ({e})") from None
-        if self.tokenizer.n_vocab > self.n_vocab:
-            raise ModelError(f"encoder.json has {self.tokenizer.n_vocab} tokens but the model only {self.n_vocab}")
         if self.tokenizer.end_token is None:
             raise ModelError(f"{run_dir / 'encoder.json'} has no {END_OF_TEXT} token")
         self.run_dir = run_dir

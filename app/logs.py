@@ -1,11 +1,31 @@
 """JSON-lines logs, one object per line with a `severity` field (Cloud Logging's structured format)."""
+import json
 import logging
+import os
+import re
 import sys
 import time
 
 import ujson
 
 logger = logging.getLogger("app")
+LOG_PROMPTS = os.environ.get("LOG_PROMPTS") == "1"  # else a request's log line has its prompt's length only
+
+
+def private(params):
+    """Generation parameters as logged: the prefix (user text) only as its length, unless LOG_PROMPTS=1."""
+    if LOG_PROMPTS:
+        return params
+    return {**{k: v for k, v in params.items() if k != "prefix"}, "prefix_chars": len(params["prefix"])}
+
+
+def dumps(value):
+    """JSON text that always encodes to UTF-8: a lone surrogate (e.g. a JSON key "\\ud800") becomes U+FFFD."""
+    try:
+        text = ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False)
+    except UnicodeEncodeError:  # ujson refuses some (in keys), passes others through (in values)
+        text = json.dumps(value, ensure_ascii=False)
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -19,7 +39,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return ujson.dumps(entry, ensure_ascii=False, escape_forward_slashes=False)
+        return dumps(entry)
 
 
 def log(level, message, **fields):
@@ -44,10 +64,14 @@ LOG_CONFIG = {
 
 
 def setup():
-    """Give the app's logger a JSON handler when nothing configured it (e.g. `uvicorn app.main:app`)."""
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter())
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    """JSON lines for the app's logger and for warnings (NumPy's RuntimeWarnings), when nothing configured
+    them (e.g. `uvicorn app.main:app`; `python -m app` uses LOG_CONFIG)."""
+    logging.captureWarnings(True)
+    for name in ("app", "py.warnings"):
+        target = logging.getLogger(name)
+        if not target.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(JsonFormatter())
+            target.addHandler(handler)
+            target.setLevel(logging.INFO)
+            target.propagate = False

@@ -7,20 +7,24 @@ Settings come from the environment: MODEL_DIR (default checkpoint/run1), ALLOWED
 separated, default *), QUEUE_SIZE (requests that may wait, default 4), PREFIX_MAX_CHARS (default 500).
 """
 import asyncio
+import base64
 import collections
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-import ujson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.datastructures import MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -35,8 +39,10 @@ from app.params import ParamError, limits, parameters, parse
 
 def env_int(name, default):
     value = os.environ.get(name, str(default))
-    if not value.isdigit():
-        raise SystemExit(f"{name} must be a whole number, got {value!r}")
+    if not (value.isascii() and value.isdigit()):  # isdigit() alone takes "²" and "١٢"
+        logs.setup()
+        log(logging.ERROR, f"{name} must be a whole number, got {value!r}")
+        raise SystemExit(1)
     return int(value)
 
 
@@ -53,7 +59,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 class UJSONResponse(JSONResponse):
     def render(self, content):
-        return ujson.dumps(content, ensure_ascii=False, escape_forward_slashes=False).encode("utf-8")
+        return logs.dumps(content).encode("utf-8")
 
 
 def error(status, message, parameter=None, headers=None):
@@ -242,14 +248,26 @@ def json_params(request, body):
     if not is_utf8_json(request.headers.get("content-type", "")):
         raise ParamError("POST / takes a JSON object with Content-Type: application/json (UTF-8)", status=415)
     try:
-        data = ujson.loads(body.decode("utf-8"))
+        data = json.loads(body.decode("utf-8"), object_pairs_hook=unique_keys)
     except UnicodeDecodeError:
         raise ParamError("the body is not valid UTF-8") from None
     except ValueError as e:
         raise ParamError(f"the body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ParamError("the body is not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ParamError('the body must be a JSON object, e.g. {"length": 50, "temperature": 0.7}')
     return data
+
+
+def unique_keys(pairs):
+    """A JSON object's pairs as a dict; a repeated key is refused, as a repeated query parameter is."""
+    given = {}
+    for name, value in pairs:
+        if name in given:
+            raise ParamError(f"{name} is given more than once", name)
+        given[name] = value
+    return given
 
 
 def is_utf8_json(content_type):
@@ -302,7 +320,7 @@ async def generate(request):
     except ClientDisconnect:
         return Response(status_code=499)  # the client left while sending; nobody is listening
 
-    request.state.log = fields = {"params": values, "prompt_tokens": len(prompt)}
+    request.state.log = fields = {"params": logs.private(values), "prompt_tokens": len(prompt)}
     generation = Generation(state.model, prompt, **{k: v for k, v in values.items() if k != "stream"})
     try:
         await state.gate.enter()
@@ -344,7 +362,7 @@ def tokens_so_far(generation):
 
 def sse(data, event=None):
     head = f"event: {event}\n" if event else ""
-    return f"{head}data: {ujson.dumps(data, ensure_ascii=False, escape_forward_slashes=False)}\n\n"
+    return f"{head}data: {logs.dumps(data)}\n\n"
 
 
 class GenerationStream(StreamingResponse):
@@ -438,10 +456,46 @@ class RequestLog:
             fields = scope.get("state", {}).get("log", {})
             level = logging.INFO if status[0] < 400 else logging.WARNING if status[0] < 500 else logging.ERROR
             latency = time.perf_counter() - started
-            path = scope["path"] + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
+            path = scope["path"]
+            if scope["query_string"] and logs.LOG_PROMPTS:  # else the prompt is left out; params has the rest
+                path += "?" + scope["query_string"].decode("latin-1")
             log(level, f"{scope['method']} {scope['path']} {status[0]}",
                 httpRequest={"requestMethod": scope["method"], "requestUrl": path[:500], "status": status[0],
                              "latency": f"{latency:.3f}s"}, **fields)
+
+
+def page_policy(page):
+    """The page's Content-Security-Policy: its own inline script and style (by hash), nothing from
+    elsewhere, no framing; it may call any server, since its Server setting can name another one."""
+    html = page.read_text(encoding="utf-8") if page.is_file() else ""
+
+    def hashes(tag):
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+                        for body in re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.S))
+
+    return (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; img-src data:; "
+            "connect-src *; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+class SecurityHeaders:
+    """X-Content-Type-Options: nosniff on every answer, and the page's Content-Security-Policy on /ui/."""
+
+    def __init__(self, app):
+        self.app, self.policy = app, page_policy(STATIC_DIR / "index.html")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["X-Content-Type-Options"] = "nosniff"
+                if scope["path"].startswith("/ui"):
+                    headers["Content-Security-Policy"] = self.policy
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 @contextlib.asynccontextmanager
@@ -466,6 +520,7 @@ routes = [
 
 middleware = [
     Middleware(RequestLog),
+    Middleware(SecurityHeaders),
     Middleware(CORSMiddleware, allow_origins=ALLOWED_ORIGINS, allow_methods=["GET", "HEAD", "POST"],
                allow_headers=["Content-Type"], expose_headers=["Retry-After"], max_age=600),
 ]

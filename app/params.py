@@ -39,12 +39,11 @@ class Integer:
 class Number:
     type = "number"
 
-    def __init__(self, default, low, high, low_inclusive=True):
-        self.default, self.low, self.high, self.low_inclusive = default, low, high, low_inclusive
+    def __init__(self, default, low, high):
+        self.default, self.low, self.high = default, low, high
 
     def describe(self):
-        low = f"at least {self.low:g}" if self.low_inclusive else f"greater than {self.low:g}"
-        return f"a number {low} and at most {self.high:g}"
+        return f"a number at least {self.low:g} and at most {self.high:g}"
 
     def parse(self, value):
         if isinstance(value, str) and NUMBER.fullmatch(value):
@@ -57,13 +56,12 @@ class Number:
             return None
         if not math.isfinite(value):
             return None
-        if value > self.high or value < self.low or (value == self.low and not self.low_inclusive):
+        if not self.low <= value <= self.high:
             return None
         return value
 
     def limits(self):
-        key = "min" if self.low_inclusive else "min_exclusive"
-        return {"type": self.type, "default": self.default, key: self.low, "max": self.high}
+        return {"type": self.type, "default": self.default, "min": self.low, "max": self.high}
 
 
 class Boolean:
@@ -112,7 +110,8 @@ def parameters(n_ctx, n_vocab, prefix_max_chars=500, max_nsamples=4):
     """The parameter table for a model; order is the documented order."""
     return {
         "length": Integer(100, 1, n_ctx - 1),
-        "temperature": Number(0.7, 0.0, 2.0, low_inclusive=False),
+        # Near 0, logits / temperature overflows float32 (from about 1e-37); greedy decoding is top_k=1.
+        "temperature": Number(0.7, 0.01, 2.0),
         "top_k": Integer(0, 0, n_vocab),
         "top_p": Number(0.0, 0.0, 1.0),
         "prefix": Text("", prefix_max_chars),
@@ -141,7 +140,10 @@ def parse(table, given):
             continue
         parsed = spec.parse(value)
         if parsed is None:
-            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            if isinstance(spec, Text) and isinstance(value, str):
+                shown = f"{len(value)} characters"  # not the user's text: it goes to the logs too
+            else:
+                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
             raise ParamError(f"{name} must be {spec.describe()}{HINTS.get(name, '')}, got {shown}", name)
         values[name] = parsed
     if values["stream"] and values["nsamples"] > 1:

@@ -28,11 +28,19 @@ def bytes_to_unicode():
 
 
 class Tokenizer:
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, n_vocab=None):
+        """ValueError when the files are corrupt, or encoder.json has ids outside the model's 0..n_vocab-1
+        (checked before anything is sized by them)."""
         from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
         run_dir = Path(run_dir)
         encoder = json.loads((run_dir / "encoder.json").read_text(encoding="utf-8"))
+        if not isinstance(encoder, dict) or not encoder:
+            raise ValueError("encoder.json is not a JSON object of tokens")
+        for piece, i in encoder.items():
+            if type(i) is not int or i < 0 or (n_vocab is not None and i >= n_vocab):
+                raise ValueError(f"encoder.json gives {piece!r} the id {i!r}, outside the model's vocabulary "
+                                 f"(n_vocab {n_vocab})")
         bpe_data = (run_dir / "vocab.bpe").read_text(encoding="utf-8")
         # Same parsing as gpt-2-simple: the first line is a header, the last one is empty.
         merges = [tuple(line.split()) for line in bpe_data.split("\n")[1:-1]]

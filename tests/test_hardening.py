@@ -5,6 +5,7 @@ within Cloud Run's 10 s. Over real HTTP (and raw sockets, for what httpx will no
 """
 import concurrent.futures
 import contextlib
+import shutil
 import signal
 import socket
 import threading
@@ -12,6 +13,7 @@ import time
 from types import SimpleNamespace
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 
@@ -216,3 +218,49 @@ def test_sigterm_ends_a_stream_with_an_error_event(big_run, tmp_path):
         assert entry["error"] == "shutting down" and 0 < entry["tokens"] < 1000
     finally:
         stop_server(server)
+
+
+# ---------------------------------------------------------------- items 9, 13, 15: logs and headers
+
+
+def test_numpy_warnings_are_json_log_lines(tiny_run, tmp_path):
+    """A model whose final layer norm overflows float32 makes NumPy warn; the warning is a JSON line too."""
+    run = tmp_path / "run1"
+    shutil.copytree(tiny_run, run)
+    gain = run / "weights" / "model.ln_f.g.npy"
+    np.save(gain, np.full_like(np.load(gain), 3e38))
+    with running_server(run, find_free_port(), tmp_path / "log") as server:
+        assert httpx.get(server.url + "/", params={"length": 2}, timeout=60).status_code == 200
+        entries = server.logs()  # json.loads of every line
+    warnings = [e for e in entries if e["logger"] == "py.warnings"]
+    assert warnings and warnings[0]["severity"] == "WARNING" and "RuntimeWarning" in warnings[0]["message"]
+
+
+@pytest.mark.parametrize("log_prompts", ["", "1"])
+def test_prompts_stay_out_of_the_logs_unless_asked_for(tiny_run, tmp_path, log_prompts):
+    secret = "my dog ate my homework"
+    with running_server(tiny_run, find_free_port(), tmp_path / "log", LOG_PROMPTS=log_prompts) as server:
+        assert httpx.get(server.url + "/", params={"prefix": secret, "length": 2}, timeout=60).status_code == 200
+        assert httpx.post(server.url + "/", json={"prefix": secret, "length": 2}, timeout=60).status_code == 200
+        too_long = httpx.get(server.url + "/", params={"prefix": secret * 30}, timeout=60)
+        assert too_long.status_code == 400 and secret not in too_long.json()["error"]
+        entries = [e for e in server.logs() if "params" in e]
+    assert len(entries) == 2
+    if log_prompts:
+        assert all(e["params"]["prefix"] == secret for e in entries)
+        assert entries[0]["httpRequest"]["requestUrl"].startswith("/?")
+    else:
+        assert secret.split()[1] not in (tmp_path / "log").read_text()
+        assert all(e["params"]["prefix_chars"] == len(secret) and e["params"]["length"] == 2 for e in entries)
+        assert entries[0]["httpRequest"]["requestUrl"] == "/"
+
+
+def test_security_headers(big_server):
+    for path in ("/", "/limits", "/nope", "/ui/"):
+        r = httpx.get(big_server.url + path, params={"length": 1} if path == "/" else None, timeout=60)
+        assert r.headers["x-content-type-options"] == "nosniff", path
+    policy = httpx.get(big_server.url + "/ui/").headers["content-security-policy"]
+    directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+    assert directives["default-src"] == "'none'" and directives["frame-ancestors"] == "'none'"
+    assert directives["connect-src"] == "*"  # the page may be pointed at another server
+    assert directives["script-src"].startswith("'sha256-") and "unsafe-inline" not in policy

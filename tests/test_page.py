@@ -126,8 +126,9 @@ class Watched:
     """A page with what it did recorded: dialogs, script errors, requests."""
     def __init__(self, context, page):
         self.context, self.page = context, page
-        self.dialogs, self.errors, self.requests = [], [], []
+        self.dialogs, self.errors, self.requests, self.console = [], [], [], []
         page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        page.on("console", lambda m: self.console.append(m.text))
         page.on("pageerror", lambda e: self.errors.append(str(e)))
         page.on("request", lambda r: self.requests.append((r.method, r.url)))
         self.responses = []
@@ -244,7 +245,7 @@ def test_out_of_range_length_shows_the_servers_message_next_to_length(watched, s
     length = limits["length"]
     expect(page.locator("#length-hint")).to_have_text(f"{length['min']}–{length['max']} · tokens to generate")
     expect(page.locator("#temperature-hint")).to_have_text(
-        f"over {limits['temperature']['min_exclusive']:g}, up to {limits['temperature']['max']:g} · higher is wilder")
+        f"{limits['temperature']['min']:g}–{limits['temperature']['max']:g} · higher is wilder")
     too_long = limits["n_ctx"] + 1000
     fill(page, "Hello", length=too_long)
     page.click("#generate")
@@ -328,9 +329,11 @@ def test_busy_server_says_when_to_retry(make_page, site, slow_api, limits, long_
 
 
 def test_served_by_the_app_at_ui(watched, api, limits, out_dir):
-    """Opened from the service itself, the page talks to its own origin without being told."""
+    """Opened from the service itself, the page talks to its own origin without being told, under the
+    app's Content-Security-Policy (which the static server in the other tests does not send)."""
     page = watched.page
-    page.goto(api.url + "/ui/")
+    response = page.goto(api.url + "/ui/")
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
     expect_limits_shown(page, limits)
     expect(page.locator("#api-shown")).to_have_text("this site")
     fill(page, "Same origin ", length=15, seed=2)
@@ -340,6 +343,7 @@ def test_served_by_the_app_at_ui(watched, api, limits, out_dir):
     assert watched.posts() == [api.url + "/"]
     page.screenshot(path=out_dir / "same-origin.png", full_page=True)
     assert not watched.errors
+    assert not [m for m in watched.console if "Content Security Policy" in m], watched.console
 
 
 def test_phone_width(make_page, site, api, limits, out_dir):
@@ -410,16 +414,31 @@ def test_history_copy_and_clear(make_page, site, api, limits, out_dir):
     assert not watched.errors
 
 
-def test_api_url_is_remembered_and_network_failure_is_said(watched, site, api, limits, out_dir):
+def test_a_links_api_is_for_that_visit_only_and_a_typed_one_is_remembered(watched, site, api, limits, out_dir):
+    """A link's ?api= must not stick: one crafted link would otherwise send every later prompt elsewhere."""
     page = open_page(watched, site, api.url, limits)
+    expect(page.locator("#api-shown")).to_have_text(f"{api.url} (from the link you opened, this visit only)")
+    expect(page.locator("#server")).to_have_attribute("open", "")   # where the prompts go is in view
+    assert page.evaluate("localStorage.getItem('gpt2-run.api')") is None
+    # Without ?api= the page is back to its own site (which, here, has no API).
+    page.goto(f"{site}/index.html")
+    expect(page.locator("#api-shown")).to_have_text("this site")
+    expect(page.locator("#api-error")).to_contain_text("Could not reach")
+    # An address typed into the Server field is remembered.
+    page.fill("#api", api.url)
+    page.press("#api", "Enter")
+    expect_limits_shown(page, limits)
     assert page.evaluate("localStorage.getItem('gpt2-run.api')") == api.url
-    # Without ?api= the remembered address is used.
     page.goto(f"{site}/index.html")
     expect_limits_shown(page, limits)
     expect(page.locator("#api-shown")).to_have_text(api.url)
+    assert not watched.errors
+
+
+def test_network_failure_is_said(watched, site, api, limits, out_dir):
+    page = open_page(watched, site, api.url, limits)
     # Point the field at a port where nothing listens: generating says the server can't be reached.
     dead = f"http://127.0.0.1:{free_port()}"
-    page.click("#server summary")
     page.fill("#api", dead)
     page.press("#api", "Enter")
     expect(page.locator("#api-error")).to_contain_text("Could not reach")

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -320,6 +321,16 @@ def test_uvicorn_entry_point_and_default_origins(tiny_run, free_port, tmp_path):
     ("corrupt_weights", "python -m finetune.export"),
     ("corrupt_hparams", "hparams.json"),
     ("port_out_of_range", "PORT must be a number from 1 to 65535"),
+    # issue 14, item 10: each of these was a traceback
+    ("empty_npy", "model.ln_f.b.npy is missing or unreadable"),
+    ("n_ctx_infinity", "n_ctx is inf, not an integer"),
+    ("n_ctx_1e999", "n_ctx is inf, not an integer"),
+    ("n_layer_fraction", "n_layer is 2.5, not an integer"),
+    ("checkpoint_not_utf8", "checkpoint is not text"),
+    ("encoder_id_huge", "the id 200000000, outside the model's vocabulary"),
+    ("port_superscript", "PORT must be a number from 1 to 65535, got '²'"),
+    ("queue_size_superscript", "QUEUE_SIZE must be a whole number, got '²'"),
+    ("queue_size_arabic_digits", "QUEUE_SIZE must be a whole number, got '١٢'"),
 ])
 def test_refuses_to_start_without_a_good_model(tiny_run, tmp_path, free_port, damage, message):
     run_dir = tmp_path / "run1"
@@ -335,10 +346,24 @@ def test_refuses_to_start_without_a_good_model(tiny_run, tmp_path, free_port, da
         wte.write_bytes(wte.read_bytes()[:1000])
     elif damage == "corrupt_hparams":
         (run_dir / "hparams.json").write_text("{not json")
+    elif damage == "empty_npy":
+        (run_dir / "weights" / "model.ln_f.b.npy").write_bytes(b"")
+    elif damage.startswith(("n_ctx", "n_layer")):
+        name, value = {"n_ctx_infinity": ("n_ctx", "Infinity"), "n_ctx_1e999": ("n_ctx", "1e999"),
+                       "n_layer_fraction": ("n_layer", "2.5")}[damage]
+        text = (run_dir / "hparams.json").read_text()
+        (run_dir / "hparams.json").write_text(re.sub(rf'"{name}": *[0-9]+', f'"{name}": {value}', text))
+    elif damage == "checkpoint_not_utf8":
+        (run_dir / "checkpoint").write_bytes(b'model_checkpoint_path: "model-\xff\xfe"\n')
+    elif damage == "encoder_id_huge":
+        encoder = json.loads((run_dir / "encoder.json").read_text())
+        encoder["<|endoftext|>"] = 200_000_000
+        (run_dir / "encoder.json").write_text(json.dumps(encoder))
     port = free_port()
     env = {**os.environ, "MODEL_DIR": str(run_dir), "PORT": str(port), "HOST": "127.0.0.1"}
-    if damage == "port_out_of_range":
-        env["PORT"] = "99999"
+    env.update({"port_out_of_range": {"PORT": "99999"}, "port_superscript": {"PORT": "²"},
+                "queue_size_superscript": {"QUEUE_SIZE": "²"},
+                "queue_size_arabic_digits": {"QUEUE_SIZE": "١٢"}}.get(damage, {}))
     result = subprocess.run([sys.executable, "-c", BLOCK_TF_AND_RUN], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 1
