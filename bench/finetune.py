@@ -1,0 +1,215 @@
+"""Seconds per training step of `python -m finetune`, by --window and --accumulate-gradients.
+
+    python bench/finetune.py            # GPT-2 124M shape (random weights), ~20 minutes on 2 cores
+    python bench/finetune.py --quick    # a small model, ~1 minute
+
+Each of window 1,024/256 x accumulate 5/1 is one `python -m finetune` run, one after the other, on
+a random-weight run folder from bench/make_model.py (speed does not depend on the values), on the
+CPU or the GPU TensorFlow sees. The first step pays for TensorFlow's warm-up and is left out; the
+others are timed from the run's own loss.csv. The defaults (1,024 x 5) are what a user gets
+without flags, and every row is compared with them. Writes finetune.md (the table), finetune.png
+(the chart) and finetune.json (every raw figure) to --out.
+"""
+import argparse
+import csv
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_model  # noqa: E402
+from report import fmt  # noqa: E402
+from serve import SMALL_SHAPE, BenchError, machine, run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = [(1024, 5), (256, 5), (1024, 1), (256, 1)]  # (window, accumulate); the first is the default
+CHECKPOINT_FILES = ["model-1.data-00000-of-00001", "model-1.index", "model-1.meta"]
+CORPUS = "".join(f"<|startoftext|>comment {i}: the weather was fine today and the dog was happy.<|endoftext|>\n"
+                 for i in range(400))
+
+
+def build_model(args, models_dir, logs):
+    shape, name = (SMALL_SHAPE, "small-random") if args.quick else (make_model.SHAPE_124M, "gpt2-124M-random")
+    model = models_dir / name  # the same cache as bench/serve.py's
+    cmd = [sys.executable, str(ROOT / "bench" / "make_model.py"), str(model)]
+    for key, value in shape.items():
+        cmd += ["--" + key.replace("_", "-"), str(value)]
+    run(cmd, f"building the {name} model (bench/make_model.py)", logs / "make_model.log")
+    return model
+
+
+def copy_run(model, run_dir):
+    """A run folder to continue from model's checkpoint. The big files are hard links: the run
+    saves new ones and deletes (unlinks) model-1, so the cached model stays as it was."""
+    run_dir.mkdir(parents=True)
+    for name in ["checkpoint", "counter", "hparams.json", "encoder.json", "vocab.bpe"]:
+        shutil.copyfile(model / name, run_dir / name)
+    for name in CHECKPOINT_FILES:
+        os.link(model / name, run_dir / name)
+
+
+def train(model, corpus, work, window, accumulate, steps, log_path):
+    """One `python -m finetune` run; returns (seconds of each step, device, wall seconds)."""
+    parent = work / f"w{window}-a{accumulate}"
+    copy_run(model, parent / "run1")
+    cmd = [sys.executable, "-m", "finetune", "--dataset", str(corpus), "--checkpoint-dir", str(parent),
+           "--steps", str(steps), "--window", str(window), "--accumulate-gradients", str(accumulate),
+           "--sample-every", "0", "--save-every", "0"]
+    started = time.time()
+    with open(log_path, "w") as log:
+        code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    wall = time.time() - started
+    text = log_path.read_text()
+    if code:
+        last = text.strip().splitlines()[-1] if text.strip() else ""
+        raise BenchError(f"python -m finetune --window {window} --accumulate-gradients {accumulate} failed "
+                         f"(exit {code}): {last}; see {log_path}")
+    device = next(line[len("Training on "):] for line in text.splitlines() if line.startswith("Training on "))
+    with open(parent / "run1" / "loss.csv", newline="") as f:
+        averages = [float(row["seconds_per_step"]) for row in csv.DictReader(f)]
+    shutil.rmtree(parent)
+    # loss.csv keeps the running mean since the start; step k took k*mean_k - (k-1)*mean_(k-1)
+    elapsed = [k * mean for k, mean in enumerate(averages, 1)]
+    return [b - a for a, b in zip([0.0] + elapsed, elapsed)], device, wall
+
+
+def load():
+    return round(os.getloadavg()[0], 2)
+
+
+def table(results):
+    hp = results["model"]["hparams"]
+    m = results["machine"]
+    loads = [r["load_before"] for r in results["runs"]] + [results["runs"][-1]["load_after"]]
+    lines = [f"python -m finetune ({results['mode']}), {results['date']}: {results['device']}; {m['cpu']}, "
+             f"{m['cores']} cores, {m['memory_gb']} GB; tensorflow-cpu {m['tensorflow-cpu']}, "
+             f"gpt-2-simple {m['gpt-2-simple']}.",
+             f"Model: n_layer {hp['n_layer']}, n_embd {hp['n_embd']}, n_head {hp['n_head']}, n_vocab {hp['n_vocab']}, "
+             f"n_ctx {hp['n_ctx']} (random weights); {results['steps'] - 1} timed steps per row after one warm-up "
+             f"step; load average {min(loads):.1f} to {max(loads):.1f} on {m['cores']} cores during the run.",
+             "",
+             "| --window | --accumulate-gradients | tokens/step | s/step | vs defaults | 1,000 steps |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results["runs"]:
+        name = " (defaults)" if (r["window"], r["accumulate"]) == CONFIGS[0] else ""
+        lines.append(f"| {r['window']:,}{name} | {r['accumulate']} | {r['window'] * r['accumulate']:,} | "
+                     f"{fmt(r['seconds_per_step'])} | {r['vs_defaults']:.2f}x | {hours(r['seconds_per_step'] * 1000)} |")
+    return "\n".join(lines)
+
+
+def hours(seconds):
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def chart(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels = [f"{r['window']:,} x {r['accumulate']}" + ("\n(defaults)" if i == 0 else "") for i, r in enumerate(runs)]
+    values = [r["seconds_per_step"] for r in runs]
+    ax.bar(labels, values, color=["#999999"] + ["#1f77b4"] * (len(runs) - 1))
+    for i, r in enumerate(runs):
+        ax.annotate(f"{fmt(r['seconds_per_step'])} s ({r['vs_defaults']:.2f}x)\n1,000 steps: "
+                    f"{hours(r['seconds_per_step'] * 1000)}", (i, values[i]), ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, max(values) * 1.25)
+    ax.set_xlabel("--window x --accumulate-gradients")
+    ax.set_ylabel("seconds per step (lower is better)")
+    hp = results["model"]["hparams"]
+    ax.set_title(f"python -m finetune, n_layer {hp['n_layer']}, n_embd {hp['n_embd']} ({results['mode']}, "
+                 f"{results['date']})\n{results['device']}, {results['machine']['cpu']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(out, results):
+    """finetune.json, .md and .png, each written to a temp file and renamed into place."""
+    text = table(results)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tmp = Path(tmp)
+        (tmp / "finetune.json").write_text(json.dumps(results, indent=1) + "\n")
+        (tmp / "finetune.md").write_text(text + "\n")
+        chart(results, tmp / "finetune.png")
+        for name in ["finetune.json", "finetune.md", "finetune.png"]:
+            os.replace(tmp / name, out / name)
+    return text
+
+
+def at_least_2(text):
+    value = int(text)
+    if value < 2:
+        raise ValueError
+    return value
+
+
+at_least_2.__name__ = "number of steps (at least 2: the first is warm-up)"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        sys.exit(f"bench/finetune.py: {message} (see --help)")
+
+
+def main():
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a small model (n_layer 2, n_embd 64)")
+    p.add_argument("--steps", type=at_least_2, default=3, help="steps per run; the first is not timed")
+    p.add_argument("--out", help="output folder (default bench/out, or bench/out/quick with --quick)")
+    p.add_argument("--models", help="where built models are cached (default bench/out/models)")
+    args = p.parse_args()
+    out = Path(args.out or ROOT / "bench" / "out" / ("quick" if args.quick else "")).resolve()
+    if out.exists() and not out.is_dir():
+        sys.exit(f"bench/finetune.py: --out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    started = time.time()
+    runs = []
+    try:
+        model = build_model(args, Path(args.models or ROOT / "bench" / "out" / "models").resolve(), logs)
+        # the work folder sits next to the model: hard links need one file system
+        with tempfile.TemporaryDirectory(prefix=".finetune-bench-", dir=model.parent) as work:
+            work = Path(work)
+            corpus = work / "corpus.txt"
+            corpus.write_text(CORPUS)
+            # minutes per run at the 124M shape: tqdm's estimate of the time left is per configuration
+            for window, accumulate in tqdm(CONFIGS, desc="python -m finetune runs", disable=None):
+                before = load()
+                seconds, device, wall = train(model, corpus, work, window, accumulate, args.steps,
+                                              logs / f"finetune-w{window}-a{accumulate}.log")
+                runs.append({"window": window, "accumulate": accumulate, "step_seconds": seconds,
+                             "seconds_per_step": float(np.mean(seconds[1:])), "wall_seconds": round(wall, 1),
+                             "load_before": before, "load_after": load()})
+                tqdm.write(f"--window {window} --accumulate-gradients {accumulate}: "
+                           f"{runs[-1]['seconds_per_step']:.2f} s/step")
+    except BenchError as e:
+        sys.exit(f"bench/finetune.py: {e}")
+    except KeyboardInterrupt:
+        sys.exit("bench/finetune.py: interrupted; no figures written")
+    for r in runs:
+        r["vs_defaults"] = r["seconds_per_step"] / runs[0]["seconds_per_step"]
+    results = {"date": datetime.date.today().isoformat(), "mode": "quick" if args.quick else "full",
+               "machine": machine(), "device": device, "steps": args.steps,
+               "wall_seconds": round(time.time() - started, 1),
+               "model": {"run_dir": str(model), "hparams": json.loads((model / "hparams.json").read_text()),
+                         "weights": "random weights"},
+               "runs": runs}
+    print(write_outputs(out, results))
+    print(f"\nwrote {out / 'finetune.md'}, {out / 'finetune.png'}, {out / 'finetune.json'}")
+
+
+if __name__ == "__main__":
+    main()
