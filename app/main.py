@@ -4,7 +4,11 @@ and the HTML page at /ui/. One generation at a time per process; a few requests 
     uvicorn app.main:app      (or `python -m app`, which also sets up JSON logs and clean shutdown)
 
 Settings come from the environment: MODEL_DIR (default checkpoint/run1), ALLOWED_ORIGINS (comma
-separated, default *), QUEUE_SIZE (requests that may wait, default 4), PREFIX_MAX_CHARS (default 500).
+separated, default *), QUEUE_SIZE (requests that may wait, default 4), PREFIX_MAX_CHARS (default 500),
+LOG_PROMPTS (1: log prompts; see app/logs.py).
+
+Every generating route does the same: read_body (before the gate), gate.enter() (Busy -> busy(),
+ShuttingDown -> shutting_down()), then `run` or `steps` (ClientLeft, ShuttingDown), then gate.leave().
 """
 import asyncio
 import base64
@@ -325,11 +329,7 @@ async def generate(request):
     try:
         await state.gate.enter()
     except Busy:
-        retry = state.gate.retry_after()
-        fields["error"] = "busy"
-        return UJSONResponse({"error": f"busy: one generation runs at a time and {state.gate.size} are waiting; "
-                                       f"retry in {retry} s", "retry_after": retry},
-                             429, headers={"Retry-After": str(retry)})
+        return busy(state.gate, fields)
     except ShuttingDown:
         return shutting_down(fields)
     if values["stream"]:
@@ -346,6 +346,14 @@ async def generate(request):
         state.gate.leave(generation.result and generation.result["seconds"])
     fields.update({k: result[k] for k in ("tokens", "stop_reason", "seconds")})
     return UJSONResponse(result)
+
+
+def busy(gate, fields):
+    retry = gate.retry_after()
+    fields["error"] = "busy"
+    return UJSONResponse({"error": f"busy: one generation runs at a time and {gate.size} are waiting; "
+                                   f"retry in {retry} s", "retry_after": retry},
+                         429, headers={"Retry-After": str(retry)})
 
 
 SHUTDOWN_ERROR = {"error": "the server is shutting down; retry in 1 s", "retry_after": 1}

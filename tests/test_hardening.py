@@ -1,10 +1,13 @@
-"""Issue 14: one request must never stall the service, and SIGTERM must end `python -m app` cleanly
-within Cloud Run's 10 s. Over real HTTP (and raw sockets, for what httpx will not send) against
-`python -m app` in a subprocess, on a model big enough that a generation takes many seconds: the
-124M shape (12 layers, 768 wide) with the tiny run's small vocabulary, random weights.
+"""Issue 14: one request must never stall the service, SIGTERM must end `python -m app` cleanly within
+Cloud Run's 10 s, and logs and headers must not leak or break. Over real HTTP (and raw sockets, for what
+httpx will not send) against `python -m app` in a subprocess, mostly on a model big enough that a
+generation takes many seconds: the 124M shape (12 layers, 768 wide) with the tiny run's small
+vocabulary, random weights. (Bad parameters: test_server_inputs.py; bad model folders and settings at
+start-up: test_server.py; the page's ?api=: test_page.py.)
 """
 import concurrent.futures
 import contextlib
+import re
 import shutil
 import signal
 import socket
@@ -151,12 +154,19 @@ def test_a_plain_request_whose_client_left_frees_the_model(big_server):
 
 
 def test_work_per_request_is_bounded(big_server):
-    """nsamples copies of the context at most one context's worth of tokens (memory and time)."""
+    """The samples share one context: nsamples=4 holds what nsamples=1 does (memory and time)."""
     r = httpx.get(big_server.url + "/", params={"nsamples": 4, "length": 1023}, timeout=30)
     assert r.status_code == 400 and r.json()["parameter"] == "length"
     assert "at most 255" in r.json()["error"] and "nsamples=4" in r.json()["error"]
-    r = httpx.get(big_server.url + "/", params={"nsamples": 4, "length": 255, "top_k": 1}, timeout=300)
-    assert r.status_code == 200 and r.json()["tokens"] == 4 * 255
+    # With a long prefix, what is left of the 256 tokens each sample has is all it may generate.
+    prefix = "0123456789" * 25  # a token a character in the small vocabulary
+    r = httpx.get(big_server.url + "/", params={"nsamples": 4, "length": 256, "prefix": prefix}, timeout=30)
+    prompt_tokens, room = map(int, re.search(r"at most (\d+) with this prefix \((\d+) tokens\)", r.json()["error"])
+                              .group(2, 1))
+    assert prompt_tokens + room == 256
+    r = httpx.get(big_server.url + "/", params={"nsamples": 4, "length": room, "prefix": prefix, "top_k": 1},
+                  timeout=300)
+    assert r.status_code == 200 and r.json()["tokens"] == 4 * room
 
 
 # ---------------------------------------------------------------- items 4 and 5: SIGTERM
