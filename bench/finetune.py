@@ -1,12 +1,13 @@
 """Seconds per training step of `python -m finetune`, by --window and --accumulate-gradients.
 
-    python bench/finetune.py            # GPT-2 124M shape (random weights), ~20 minutes on 2 cores
+    python bench/finetune.py            # GPT-2 124M shape (random weights), ~25 minutes on 2 busy cores
     python bench/finetune.py --quick    # a small model, ~1 minute
 
 Each of window 1,024/256 x accumulate 5/1 is one `python -m finetune` run, one after the other, on
 a random-weight run folder from bench/make_model.py (speed does not depend on the values), on the
 CPU or the GPU TensorFlow sees. The first step pays for TensorFlow's warm-up and is left out; the
-others are timed from the run's own loss.csv. The defaults (1,024 x 5) are what a user gets
+others are timed from the run's own loss.csv, and their median (robust to a burst of other jobs on a
+shared machine) is the row's figure. The defaults (1,024 x 5) are what a user gets
 without flags, and every row is compared with them. Writes finetune.md (the table), finetune.png
 (the chart) and finetune.json (every raw figure) to --out.
 """
@@ -95,8 +96,8 @@ def table(results):
              f"{m['cores']} cores, {m['memory_gb']} GB; tensorflow-cpu {m['tensorflow-cpu']}, "
              f"gpt-2-simple {m['gpt-2-simple']}.",
              f"Model: n_layer {hp['n_layer']}, n_embd {hp['n_embd']}, n_head {hp['n_head']}, n_vocab {hp['n_vocab']}, "
-             f"n_ctx {hp['n_ctx']} (random weights); {results['steps'] - 1} timed steps per row after one warm-up "
-             f"step; load average {min(loads):.1f} to {max(loads):.1f} on {m['cores']} cores during the run.",
+             f"n_ctx {hp['n_ctx']} (random weights); median of {results['steps'] - 1} timed steps per row after "
+             f"one warm-up step; load average {min(loads):.1f} to {max(loads):.1f} on {m['cores']} cores during the run.",
              "",
              "| --window | --accumulate-gradients | tokens/step | s/step | vs defaults | 1,000 steps |",
              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -166,7 +167,7 @@ class Parser(argparse.ArgumentParser):
 def main():
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a small model (n_layer 2, n_embd 64)")
-    p.add_argument("--steps", type=at_least_2, default=3, help="steps per run; the first is not timed")
+    p.add_argument("--steps", type=at_least_2, default=4, help="steps per run; the first is not timed")
     p.add_argument("--out", help="output folder (default bench/out, or bench/out/quick with --quick)")
     p.add_argument("--models", help="where built models are cached (default bench/out/models)")
     args = p.parse_args()
@@ -191,7 +192,7 @@ def main():
                 seconds, device, wall = train(model, corpus, work, window, accumulate, args.steps,
                                               logs / f"finetune-w{window}-a{accumulate}.log")
                 runs.append({"window": window, "accumulate": accumulate, "step_seconds": seconds,
-                             "seconds_per_step": float(np.mean(seconds[1:])), "wall_seconds": round(wall, 1),
+                             "seconds_per_step": float(np.median(seconds[1:])), "wall_seconds": round(wall, 1),
                              "load_before": before, "load_after": load()})
                 tqdm.write(f"--window {window} --accumulate-gradients {accumulate}: "
                            f"{runs[-1]['seconds_per_step']:.2f} s/step")
