@@ -250,7 +250,8 @@ def json_params(request, body):
     if not body.strip():
         return {}  # a bare POST: every parameter at its default
     if not is_utf8_json(request.headers.get("content-type", "")):
-        raise ParamError("POST / takes a JSON object with Content-Type: application/json (UTF-8)", status=415)
+        raise ParamError(f"POST {request.url.path} takes a JSON object with Content-Type: application/json (UTF-8)",
+                         status=415)
     try:
         data = json.loads(body.decode("utf-8"), object_pairs_hook=unique_keys)
     except UnicodeDecodeError:
@@ -427,11 +428,16 @@ async def limits_route(request):
 
 async def http_error(request, exc):
     if exc.status_code == 404:
-        message = f"no such path {request.url.path}; the API is / (GET, POST, HEAD), /limits and /ui/"
+        message = (f"no such path {request.url.path}; the API is / (GET, POST, HEAD), /limits, /ui/, "
+                   f"/openapi.json, /v1/completions, /v1/models and /v2")
     elif exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}; allowed: {(exc.headers or {}).get('Allow', 'GET')}"
     else:
         message = exc.detail
+    if request.url.path.startswith("/v1/"):  # each protocol's clients read errors in its own shape
+        return openai_api.error(exc.status_code, message, headers=exc.headers)
+    if request.url.path.startswith("/v2"):
+        return v2.error(exc.status_code, message, headers=exc.headers)
     return error(exc.status_code, message, headers=exc.headers)
 
 
@@ -513,6 +519,7 @@ async def lifespan(app):
         app.state.model = GPT2(MODEL_DIR)
     model = app.state.model
     app.state.table = parameters(model.n_ctx, model.n_vocab, PREFIX_MAX_CHARS, MAX_NSAMPLES)
+    app.state.openai_table = openai_api.parameters(app.state.table)
     app.state.gate = Gate(QUEUE_SIZE)  # `python -m app` drains it on SIGTERM
     log(logging.INFO, f"serving {model.run_dir} ({model.manifest['checkpoint']})", n_layer=model.n_layer,
         n_embd=model.n_embd, n_ctx=model.n_ctx, n_vocab=model.n_vocab, allowed_origins=ALLOWED_ORIGINS)
@@ -520,9 +527,22 @@ async def lifespan(app):
     log(logging.INFO, "shut down")
 
 
+# The other protocols' modules use the helpers above, so they are imported once those exist.
+from app import openai_api, openapi, v2  # noqa: E402
+
 routes = [
     Route("/", generate, methods=["GET", "HEAD", "POST"]),
     Route("/limits", limits_route, methods=["GET"]),
+    Route("/openapi.json", openapi.route, methods=["GET"]),
+    Route("/v1/completions", openai_api.completions, methods=["POST"]),
+    Route("/v1/models", openai_api.models, methods=["GET"]),
+    Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
+    Route("/v2", v2.server_metadata, methods=["GET"]),
+    Route("/v2/health/live", v2.live, methods=["GET"]),
+    Route("/v2/health/ready", v2.ready, methods=["GET"]),
+    Route("/v2/models/{name}", v2.model_metadata, methods=["GET"]),
+    Route("/v2/models/{name}/ready", v2.model_ready, methods=["GET"]),
+    Route("/v2/models/{name}/infer", v2.infer, methods=["POST"]),
     Mount("/ui", StaticFiles(directory=STATIC_DIR, html=True, check_dir=False), name="ui"),
 ]
 

@@ -1,0 +1,283 @@
+"""OpenAI-compatible completions: POST /v1/completions, GET /v1/models, and POST /v1/chat/completions
+refused (this is a completion model, not a chat model).
+
+Same model, gate, limits, logs and CORS as GET/POST /; OpenAI's names, defaults and answer shape.
+Errors are OpenAI's {"error": {"message", "type", "param", "code"}}, which its SDK raises as
+BadRequestError (400), NotFoundError (404), RateLimitError (429)... Parameters this model cannot
+honour are refused by name unless they are given their neutral value.
+"""
+import re
+import time
+import uuid
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+
+from app import logs
+from app.engine import Generation
+from app.main import Busy, GenerationStream, UJSONResponse, client_left, json_params, prompt_for, sse
+from app.params import Boolean, Integer, Number, ParamError, Text
+
+# What a neutral value looks like for each parameter we do not support: those values are accepted
+# (clients such as LangChain send them), anything else is refused naming the parameter.
+UNSUPPORTED = {"suffix": (None, ""), "logprobs": (None,), "best_of": (None, 1), "presence_penalty": (None, 0),
+               "frequency_penalty": (None, 0), "logit_bias": (None, {})}
+# Our engine's parameter -> OpenAI's name for it, to name the right one in errors.
+OPENAI_NAMES = {"prefix": "prompt", "length": "max_tokens", "nsamples": "n", "truncate": "stop",
+                "include_prefix": "echo"}
+
+
+class Stop:
+    """OpenAI's `stop`: a string or a list of up to `max_items` strings; always parsed to a list."""
+    type = "string"
+
+    def __init__(self, max_chars, max_items=4):
+        self.default, self.text, self.max_items = None, Text(None, max_chars), max_items
+
+    def describe(self):
+        return f"a string or a list of up to {self.max_items} strings of at most {self.text.max_chars} characters"
+
+    def parse(self, value):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or len(items) > self.max_items:
+            return None
+        if any(self.text.parse(item) is None for item in items):
+            return None
+        return [item for item in items if item]
+
+    def limits(self):
+        return {"type": "string or list", "default": None, "max_chars": self.text.max_chars,
+                "max_items": self.max_items}
+
+
+def parameters(table):
+    """POST /v1/completions' parameters with OpenAI's defaults, limited as the API's `table` limits them.
+    The validation and /openapi.json both read this."""
+    return {
+        "model": Text(None, 200),  # required: checked against the served model's name
+        "prompt": table["prefix"],
+        "max_tokens": Integer(16, 1, table["length"].high),
+        "temperature": Number(1.0, 0.0, 2.0),  # 0: greedy
+        "top_p": Number(1.0, 0.0, 1.0),
+        "n": Integer(1, 1, table["nsamples"].high),
+        "stream": table["stream"],
+        "stop": Stop(table["truncate"].max_chars),
+        "seed": table["seed"],
+        "echo": Boolean(False),
+        "user": Text(None, 256),  # accepted, ignored
+    }
+
+
+def model_name(model):
+    return model.run_dir.resolve().name
+
+
+def error(status, message, param=None, code=None, headers=None):
+    kind = {429: "rate_limit_error", 404: "not_found_error"}.get(status, "invalid_request_error")
+    return UJSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
+                         headers=headers)
+
+
+def openai_message(message):
+    """A message from the shared checks, with our parameter names replaced by OpenAI's."""
+    return re.sub(r"\b(" + "|".join(OPENAI_NAMES) + r")\b", lambda m: OPENAI_NAMES[m.group(1)], message)
+
+
+def parse(table, given):
+    """OpenAI parameters -> (their values, the engine's keyword arguments). ParamError names OpenAI's name."""
+    for name, value in given.items():
+        if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+            raise ParamError(f"{name} is not supported by this model", name)
+        if name not in table and name not in UNSUPPORTED and name != "stream_options":
+            raise ParamError(f"unrecognized request argument {name!r}; the parameters are {', '.join(table)}", name)
+    prompt = given.get("prompt")
+    if isinstance(prompt, list):  # a batch of one (LangChain sends lists) is fine; more are not supported
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise ParamError("prompt must be a string (or a list of one string); several prompts or token "
+                             "ids are not supported", "prompt")
+        given = {**given, "prompt": prompt[0]}
+    values = {}
+    for name, spec in table.items():
+        value = given.get(name)
+        parsed = spec.default if value is None else spec.parse(value)
+        if parsed is None and value is not None:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ParamError(f"{name} must be {spec.describe()}, got {shown}", name)
+        values[name] = parsed
+    if values["model"] is None:
+        raise ParamError("model is required: the name GET /v1/models lists", "model")
+    if values["stream"] and values["n"] > 1:
+        raise ParamError("stream=true works with n=1 only", "n")
+    options = given.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and set(options) <= {"include_usage"}
+                                    and isinstance(options.get("include_usage", False), bool)):
+        raise ParamError('stream_options must be {"include_usage": true or false}', "stream_options")
+    values["include_usage"] = bool(options and options.get("include_usage"))
+    stops = values["stop"] or []
+    greedy = values["temperature"] == 0 or values["top_p"] == 0
+    engine = {"prefix": values["prompt"], "length": values["max_tokens"], "nsamples": values["n"],
+              "seed": values["seed"], "temperature": 1.0 if greedy else values["temperature"],
+              "top_k": 1 if greedy else 0, "top_p": 0.0 if greedy or values["top_p"] == 1 else values["top_p"],
+              # One stop string the engine stops at itself; more are cut here (StopText).
+              "truncate": stops[0] if len(stops) == 1 else None,
+              "include_prefix": False}  # echo adds the prompt here, exactly as given
+    return values, engine
+
+
+class StopText:
+    """One choice's completion as pieces arrive, cut at the first stop string. `add` returns what may be
+    shown so far, holding back an ending that could still become a stop string."""
+
+    def __init__(self, stops):
+        self.stops, self.text, self.shown, self.stopped = stops, "", 0, False
+
+    def add(self, piece):
+        self.text += piece
+        hits = [i for s in self.stops if (i := self.text.find(s, self.shown)) >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+        end = len(self.text)
+        if not self.stopped:
+            end -= max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        piece, self.shown = self.text[self.shown:end], end
+        return piece
+
+    def finish(self):
+        piece, self.shown = self.text[self.shown:], len(self.text)
+        return piece
+
+
+def finish_reason(stop_text, engine_reason):
+    return "stop" if stop_text.stopped or engine_reason in ("end_token", "truncate") else "length"
+
+
+def complete(generation, stops):
+    """Run a generation; (texts, finish reasons, completion tokens). With one choice it ends as soon as
+    a stop string appears; with several every choice runs to its end and is cut afterwards."""
+    if len(generation.samples) == 1:
+        cut, steps = StopText(stops), iter(generation)
+        for piece in steps:
+            cut.add(piece)
+            if cut.stopped:
+                steps.close()
+                return [cut.text], ["stop"], len(generation.samples[0].ids)
+        result = generation.result
+        return [cut.text], [finish_reason(cut, result["stop_reason"])], result["tokens"]
+    result = generation.run()
+    cuts = [StopText(stops) for _ in result["texts"]]
+    for cut, text in zip(cuts, result["texts"]):
+        cut.add(text)
+    return [c.text for c in cuts], [finish_reason(c, r) for c, r in zip(cuts, result["stop_reasons"])], result["tokens"]
+
+
+def answer(values, model, choices, prompt_tokens, completion_tokens, chunk=False):
+    body = {"id": values["id"], "object": "text_completion", "created": values["created"],
+            "model": model_name(model),
+            "choices": [{"text": text, "index": i, "finish_reason": reason, "logprobs": None}
+                        for i, (text, reason) in enumerate(choices)]}
+    if not chunk:
+        body["usage"] = usage(prompt_tokens, completion_tokens)
+    return body
+
+
+def usage(prompt_tokens, completion_tokens):
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+# ---------------------------------------------------------------- routes
+
+
+async def completions(request):
+    state = request.app.state
+    try:
+        values, engine = parse(state.openai_table, await json_params(request))
+        if values["model"] != model_name(state.model):
+            request.state.log = {"error": "unknown model", "parameter": "model"}
+            return error(404, f"the model {values['model']!r} does not exist; this server serves "
+                              f"{model_name(state.model)!r} (GET /v1/models)", "model", "model_not_found")
+        prompt = prompt_for(state.model, engine)
+    except ParamError as e:
+        param = OPENAI_NAMES.get(e.parameter, e.parameter)
+        request.state.log = {"error": e.message, "parameter": param}
+        return error(e.status, openai_message(e.message), param)
+    except ClientDisconnect:
+        return Response(status_code=499)
+
+    values.update(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()))
+    request.state.log = fields = {"params": {k: v for k, v in values.items() if k not in ("id", "created")},
+                                  "prompt_tokens": len(prompt)}
+    try:
+        await state.gate.enter()
+    except Busy:
+        retry = state.gate.retry_after()
+        fields["error"] = "busy"
+        return error(429, f"busy: one generation runs at a time and {state.gate.size} are waiting; "
+                          f"retry in {retry} s", code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+    generation = Generation(state.model, prompt, **engine)
+    if values["stream"]:
+        return CompletionStream(generation, state.gate, fields, values, state.model, len(prompt))
+    try:
+        if await client_left(request):  # gave up while waiting in the queue
+            fields["disconnected"] = True
+            return Response(status_code=499)
+        texts, reasons, tokens = await run_in_threadpool(complete, generation, values["stop"] or [])
+    finally:
+        state.gate.leave(generation.result and generation.result["seconds"])
+    if values["echo"]:
+        texts = [values["prompt"] + text for text in texts]
+    fields.update(tokens=tokens, stop_reason=reasons[0])
+    return UJSONResponse(answer(values, state.model, zip(texts, reasons), len(prompt), tokens))
+
+
+class CompletionStream(GenerationStream):
+    """OpenAI's Server-Sent Events: a text_completion chunk per new piece, one with the finish_reason,
+    (a usage chunk if stream_options asked for it), then `data: [DONE]`."""
+
+    def __init__(self, generation, gate, fields, values, model, prompt_tokens):
+        self.values, self.model, self.prompt_tokens = values, model, prompt_tokens
+        self.cut = StopText(values["stop"] or [])
+        super().__init__(generation, gate, fields)
+
+    def chunk(self, text, reason=None):
+        return sse(answer(self.values, self.model, [(text, reason)], 0, 0, chunk=True))
+
+    async def events(self):
+        if self.values["echo"]:
+            yield self.chunk(self.values["prompt"])
+        try:
+            while (piece := await run_in_threadpool(next, self.steps, None)) is not None:
+                if shown := self.cut.add(piece):
+                    yield self.chunk(shown)
+                if self.cut.stopped:
+                    self.fields["stop_reason"] = "stop"
+                    break
+        except Exception:
+            logs.logger.exception("generation failed")
+            self.fields["error"] = "generation failed"
+            yield sse({"error": {"message": "the generation failed (an internal error, logged on the server)",
+                                 "type": "server_error", "param": None, "code": None}})
+            return
+        if rest := self.cut.finish():
+            yield self.chunk(rest)
+        result = self.generation.result
+        yield self.chunk("", finish_reason(self.cut, result and result["stop_reason"]))
+        if self.values["include_usage"]:
+            tokens = result["tokens"] if result else len(self.generation.samples[0].ids)
+            body = answer(self.values, self.model, [], 0, 0, chunk=True)
+            body["usage"] = usage(self.prompt_tokens, tokens)
+            yield sse(body)
+        yield "data: [DONE]\n\n"
+
+
+async def models(request):
+    model = request.app.state.model
+    return UJSONResponse({"object": "list", "data": [
+        {"id": model_name(model), "object": "model", "created": int(model.run_dir.stat().st_mtime),
+         "owned_by": "gpt2-run"}]})
+
+
+async def chat_completions(request):
+    return error(404, "this is a completion model, not a chat model: there is no /v1/chat/completions; "
+                      "use POST /v1/completions with a prompt", code="not_found")

@@ -1,0 +1,178 @@
+"""GET /openapi.json: every route of the three APIs (gpt-2-cloud-run's /, OpenAI's /v1, V2's /v2),
+built from the parameter tables the validation uses, so the description cannot drift from the checks."""
+from app import openai_api, v2
+from app.main import BODY_MAX_BYTES, UJSONResponse
+
+LIMIT_KEYWORDS = {"min": "minimum", "max": "maximum", "min_exclusive": "exclusiveMinimum", "max_chars": "maxLength"}
+
+
+def schema(spec):
+    """JSON Schema for one parameter, from the same limits GET /limits shows (null means the default)."""
+    limits = spec.limits()
+    if isinstance(spec, openai_api.Stop):
+        text = {"type": "string", "maxLength": limits["max_chars"]}
+        return {"anyOf": [text, {"type": "array", "items": text, "maxItems": limits["max_items"]}, {"type": "null"}]}
+    result = {"type": [limits["type"], "null"]}
+    result.update({LIMIT_KEYWORDS[k]: v for k, v in limits.items() if k in LIMIT_KEYWORDS})
+    if limits["default"] is not None:
+        result["default"] = limits["default"]
+    return result
+
+
+def obj(properties, required=(), **extra):
+    return {"type": "object", "properties": properties, "required": list(required), **extra}
+
+
+STRING, INTEGER, NUMBER, BOOLEAN = ({"type": t} for t in ("string", "integer", "number", "boolean"))
+STRINGS = {"type": "array", "items": STRING}
+
+
+def sse(events, data, last=None):
+    """Server-Sent Events (before OpenAPI 3.2 the schema describes one event): `data` is JSON text
+    matching `data`, or the literal `last`."""
+    data = {"type": "string", "contentMediaType": "application/json", "contentSchema": data}
+    if last:
+        data = {"anyOf": [{"const": last}, data]}
+    return {"text/event-stream": {"schema": obj({"event": {"enum": events}, "data": data}, ["data"])}}
+
+
+def json_body(schema):
+    return {"application/json": {"schema": schema}}
+
+
+def responses(ok, error, codes, ok_content=None):
+    """ok: the 200 answer's schema; error: the error schema for each of `codes`."""
+    answers = {"200": {"description": "OK", "content": ok_content or json_body(ok)}}
+    for code in codes:
+        answers[str(code)] = {"description": DESCRIPTIONS[code], "content": json_body(error)}
+    if 429 in codes:
+        answers["429"]["headers"] = {"Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}}}
+    return answers
+
+
+DESCRIPTIONS = {400: "a parameter is wrong; the message says which and what it accepts",
+                404: "no such model (or path)", 405: "method not allowed",
+                413: f"the body is over {BODY_MAX_BYTES} bytes", 415: "the body is not UTF-8 JSON",
+                429: "busy: retry after the Retry-After header's seconds"}
+
+
+def description(app_state):
+    table, model = app_state.table, app_state.model
+    name = openai_api.model_name(model)
+
+    # gpt-2-cloud-run's API
+    error = obj({"error": STRING, "parameter": {"type": ["string", "null"]}, "retry_after": INTEGER}, ["error"])
+    generated = obj({"text": STRING, "tokens": INTEGER, "seconds": NUMBER,
+                     "stop_reason": {"enum": ["length", "end_token", "truncate"]},
+                     "texts": STRINGS, "stop_reasons": STRINGS}, ["text", "tokens", "stop_reason", "seconds"])
+    piece = obj({"text": STRING}, ["text"])
+    generate = responses(generated, error, (400, 413, 415, 429),
+                         {**json_body(generated), **sse(["message", "done", "error"],
+                                                        {"anyOf": [piece, generated, error]})})
+    root = {
+        "get": {"summary": "Generate text (parameters in the query string)", "operationId": "generate_get",
+                "parameters": [{"name": n, "in": "query", "required": False, "schema": schema(spec)}
+                               for n, spec in table.items()],
+                "responses": generate},
+        "post": {"summary": "Generate text (parameters in a JSON body)", "operationId": "generate_post",
+                 "requestBody": {"required": False, "content": json_body(obj(
+                     {n: schema(spec) for n, spec in table.items()}, additionalProperties=False))},
+                 "responses": generate},
+        "head": {"summary": "Up and loaded (generates nothing)", "operationId": "generate_head",
+                 "responses": {"200": {"description": "OK"}}},
+    }
+
+    # OpenAI's completions
+    o_error = obj({"error": obj({"message": STRING, "type": STRING, "param": {"type": ["string", "null"]},
+                                 "code": {"type": ["string", "null"]}}, ["message", "type", "param", "code"])},
+                  ["error"])
+    completion_properties = {n: schema(spec) for n, spec in app_state.openai_table.items()}
+    completion_properties["model"] = {"enum": [name]}
+    prompt = completion_properties["prompt"]
+    completion_properties["prompt"] = {"anyOf": [prompt, {"type": "array", "items": prompt, "minItems": 1,
+                                                          "maxItems": 1}]}
+    completion_properties.update({n: {"enum": list(neutral)} for n, neutral in openai_api.UNSUPPORTED.items()})
+    completion_properties["stream_options"] = {"anyOf": [obj({"include_usage": BOOLEAN}, additionalProperties=False),
+                                                         {"type": "null"}]}
+    choice = obj({"text": STRING, "index": INTEGER, "logprobs": {"type": "null"},
+                  "finish_reason": {"enum": ["stop", "length", None]}}, ["text", "index", "finish_reason"])
+    usage = obj({k: INTEGER for k in ("prompt_tokens", "completion_tokens", "total_tokens")})
+    completion = obj({"id": STRING, "object": {"const": "text_completion"}, "created": INTEGER, "model": STRING,
+                      "choices": {"type": "array", "items": choice}, "usage": usage},
+                     ["id", "object", "created", "model", "choices"])
+    model_entry = obj({"id": STRING, "object": {"const": "model"}, "created": INTEGER, "owned_by": STRING},
+                      ["id", "object"])
+
+    # V2
+    v_error = obj({"error": STRING}, ["error"])
+    texts = {"type": "array", "items": STRING, "minItems": 1, "maxItems": v2.MAX_TEXTS}
+    shape = {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": v2.MAX_TEXTS},
+             "minItems": 1, "maxItems": 1}
+    tensor_meta = {"datatype": {"const": "BYTES"}, "shape": {"const": [-1]}}
+    v2_parameters = {n: schema(spec) for n, spec in v2.generation_parameters(table).items()}
+    v2_parameters["binary_data_output"] = BOOLEAN
+    infer_request = obj({
+        "id": STRING,
+        "parameters": obj(v2_parameters, additionalProperties=False),
+        "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": obj(
+            {"name": {"const": v2.INPUT}, "datatype": {"const": "BYTES"}, "shape": shape, "data": texts},
+            ["name", "datatype", "shape", "data"])},
+        "outputs": {"type": "array", "items": obj({"name": {"const": v2.OUTPUT},
+                                                   "parameters": obj({"binary_data": BOOLEAN})}, ["name"])},
+    }, ["inputs"])
+    infer_response = obj({"model_name": STRING, "model_version": STRING, "id": STRING, "outputs": {
+        "type": "array", "items": obj({"name": STRING, "datatype": STRING, "shape": {"type": "array", "items": INTEGER},
+                                       "data": STRINGS, "parameters": {"type": "object"}},
+                                      ["name", "datatype", "shape"])}}, ["model_name", "outputs"])
+    model_path = {"name": "name", "in": "path", "required": True, "schema": {"enum": [name]}}
+
+    def get(summary, operation, answer, codes=(), parameters=()):  # errors of these are 400s of V2's
+        return {"get": {"summary": summary, "operationId": operation, "parameters": list(parameters),
+                        "responses": responses(answer, v_error, codes)}}
+
+    paths = {
+        "/": root,
+        "/limits": get("Every parameter's default and range, and the model's facts", "limits", {"type": "object"}),
+        "/ui/": {"get": {"summary": "The web page", "operationId": "page",
+                         "responses": {"200": {"description": "OK", "content": {"text/html": {"schema": STRING}}}}}},
+        "/openapi.json": get("This description", "openapi", {"type": "object"}),
+        "/v1/completions": {"post": {
+            "summary": "OpenAI-compatible completion", "operationId": "openai_completions",
+            "requestBody": {"required": True, "content": json_body(obj(completion_properties, ["model"],
+                                                                       additionalProperties=False))},
+            "responses": responses(completion, o_error, (400, 404, 413, 415, 429),
+                                   {**json_body(completion), **sse(["message"], {"anyOf": [completion, o_error]}, "[DONE]")})}},
+        "/v1/models": get("The served model, OpenAI's way", "openai_models",
+                          obj({"object": {"const": "list"}, "data": {"type": "array", "items": model_entry}},
+                              ["object", "data"])),
+        "/v1/chat/completions": {"post": {
+            "summary": "Not offered: this is a completion model (always 404)", "operationId": "openai_chat",
+            "responses": {"404": {"description": "use /v1/completions", "content": json_body(o_error)}}}},
+        "/v2": get("V2 server metadata", "v2_server", obj({"name": STRING, "version": STRING,
+                                                           "extensions": STRINGS}, ["name", "version", "extensions"])),
+        "/v2/health/live": get("V2 liveness", "v2_live", obj({"live": BOOLEAN}, ["live"])),
+        "/v2/health/ready": get("V2 readiness (usable as Cloud Run's health check)", "v2_ready",
+                                obj({"ready": BOOLEAN}, ["ready"])),
+        "/v2/models/{name}": get("V2 model metadata", "v2_model", obj(
+            {"name": STRING, "versions": STRINGS, "platform": STRING,
+             "inputs": {"type": "array", "items": obj({"name": {"const": v2.INPUT}, **tensor_meta})},
+             "outputs": {"type": "array", "items": obj({"name": {"const": v2.OUTPUT}, **tensor_meta})}},
+            ["name", "platform", "inputs", "outputs"]), (400,), [model_path]),
+        "/v2/models/{name}/ready": get("V2 model readiness", "v2_model_ready",
+                                       obj({"name": STRING, "ready": BOOLEAN}, ["name", "ready"]), (400,), [model_path]),
+        "/v2/models/{name}/infer": {"post": {
+            "summary": "V2 inference: texts in text_input, generated texts in text_output",
+            "operationId": "v2_infer", "parameters": [model_path],
+            "requestBody": {"required": True, "content": json_body(infer_request)},
+            "responses": responses(infer_response, v_error, (400, 413, 429),
+                                   {**json_body(infer_response),
+                                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}})}},
+    }
+    return {"openapi": "3.1.0",
+            "info": {"title": "gpt2-run", "version": "1",
+                     "description": f"GPT-2 text generation from {name} ({model.manifest['checkpoint']})"},
+            "paths": paths}
+
+
+async def route(request):
+    return UJSONResponse(description(request.app.state))

@@ -1,0 +1,228 @@
+"""The V2 inference protocol (KServe, Triton, MLServer: the Open Inference Protocol) over HTTP.
+
+    GET  /v2                          server metadata
+    GET  /v2/health/live, /v2/health/ready
+    GET  /v2/models/NAME              a BYTES input `text_input` and a BYTES output `text_output`, shape [-1]
+    GET  /v2/models/NAME/ready
+    POST /v2/models/NAME/infer        the prefixes in text_input, the generation settings (GET /limits'
+                                      names) as request `parameters`; one text out per text in, run one
+                                      after another under the same gate as GET/POST /
+
+Tensors travel as JSON or with Triton's binary tensor data extension (what tritonclient sends by
+default: a JSON header of Inference-Header-Content-Length bytes, then each BYTES element as a 4-byte
+little-endian length and its bytes). Errors are {"error": "..."}; a wrong model name, tensor name,
+datatype or shape is a 400.
+"""
+import time
+
+import ujson
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+
+from app.engine import Generation
+from app.main import Busy, UJSONResponse, client_left, prompt_for, read_body
+from app.params import ParamError, parse
+
+INPUT, OUTPUT = "text_input", "text_output"
+MAX_TEXTS = 4  # texts in one request: they hold the gate one after another
+NOT_PARAMETERS = ("prefix", "stream", "nsamples")  # the text is the input; one text out per text in
+
+
+def error(status, message, headers=None):
+    return UJSONResponse({"error": message}, status, headers=headers)
+
+
+def model_name(model):
+    return model.run_dir.resolve().name
+
+
+def check_name(request):
+    name, served = request.path_params["name"], model_name(request.app.state.model)
+    if name != served:
+        raise ParamError(f"unknown model {name!r}; this server serves {served!r}")
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def unpack_bytes(raw):
+    """Triton's binary BYTES tensor: each element is a 4-byte little-endian length, then its bytes."""
+    items, i = [], 0
+    while i < len(raw):
+        size = int.from_bytes(raw[i:i + 4], "little")
+        if i + 4 + size > len(raw):
+            raise ParamError(f"{INPUT}'s binary data is cut short: an element of {size} bytes does not fit")
+        items.append(raw[i + 4:i + 4 + size])
+        i += 4 + size
+    return items
+
+
+def pack_bytes(items):
+    return b"".join(len(item).to_bytes(4, "little") + item for item in items)
+
+
+def read_request(body, header_length):
+    """(texts, generation parameters, request id, whether to answer in binary) from an infer body."""
+    if header_length is None:
+        header, binary = body, b""
+    elif header_length.isdigit() and int(header_length) <= len(body):
+        header, binary = body[:int(header_length)], body[int(header_length):]
+    else:
+        raise ParamError(f"Inference-Header-Content-Length must be a number of bytes up to the body's {len(body)}")
+    try:
+        data = ujson.loads(header.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ParamError(f"the request is not valid UTF-8 JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("inputs"), list):
+        raise ParamError(f'the request must be a JSON object with "inputs": [{{"name": "{INPUT}", ...}}]')
+    if unknown := set(data) - {"id", "parameters", "inputs", "outputs"}:
+        raise ParamError(f"unknown request field {sorted(unknown)[0]!r}")
+    if not isinstance(data.get("id", ""), str):
+        raise ParamError('"id" must be a string')
+    if len(data["inputs"]) != 1 or not isinstance(data["inputs"][0], dict):
+        raise ParamError(f"the model takes exactly one input tensor, {INPUT}")
+    tensor = data["inputs"][0]
+    if tensor.get("name") != INPUT:
+        raise ParamError(f"unknown input {tensor.get('name')!r}; the model's input is {INPUT}")
+    if tensor.get("datatype") != "BYTES":
+        raise ParamError(f"{INPUT} must have datatype BYTES, got {tensor.get('datatype')!r}")
+    shape = tensor.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 1 and type(shape[0]) is int and 1 <= shape[0] <= MAX_TEXTS):
+        raise ParamError(f"{INPUT} must have shape [N] with N from 1 to {MAX_TEXTS}, got {shape!r}")
+    tensor_params = tensor.get("parameters") or {}
+    if not isinstance(tensor_params, dict):
+        raise ParamError(f"{INPUT}'s parameters must be an object")
+    size = tensor_params.get("binary_data_size")
+    if size is not None:
+        if type(size) is not int or not 0 <= size <= len(binary) or size != len(binary):
+            raise ParamError(f"{INPUT}'s binary_data_size must be the {len(binary)} bytes after the JSON header")
+        items = unpack_bytes(binary)
+    else:
+        items = tensor.get("data")
+        if binary or not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ParamError(f"{INPUT}'s data must be a list of strings (or binary data)")
+        items = [item.encode("utf-8", "surrogatepass") for item in items]
+    if len(items) != shape[0]:
+        raise ParamError(f"{INPUT} has shape {shape} but {len(items)} elements")
+    try:
+        texts = [item.decode("utf-8") for item in items]
+    except UnicodeDecodeError:
+        raise ParamError(f"{INPUT} must be UTF-8 text") from None
+
+    parameters = data.get("parameters") or {}
+    outputs = data.get("outputs") or []
+    if not isinstance(parameters, dict) or not isinstance(outputs, list):
+        raise ParamError('"parameters" must be an object and "outputs" a list')
+    parameters = dict(parameters)
+    binary_out = parameters.pop("binary_data_output", False) is True
+    for output in outputs:
+        if not isinstance(output, dict) or output.get("name") != OUTPUT:
+            raise ParamError(f"unknown output {output.get('name') if isinstance(output, dict) else output!r}; "
+                             f"the model's output is {OUTPUT}")
+        if not isinstance(output.get("parameters") or {}, dict):
+            raise ParamError(f"{OUTPUT}'s parameters must be an object")
+        binary_out = (output.get("parameters") or {}).get("binary_data", binary_out) is True
+    return texts, parameters, data.get("id"), binary_out
+
+
+def generation_parameters(table):
+    """What a request's `parameters` may set: GET /limits' parameters but the text and the answer's shape."""
+    return {name: spec for name, spec in table.items() if name not in NOT_PARAMETERS}
+
+
+def check_parameters(table, parameters):
+    allowed = generation_parameters(table)
+    if unknown := [name for name in parameters if name not in allowed]:
+        raise ParamError(f"unknown parameter {unknown[0]!r}; the parameters are {', '.join(allowed)} "
+                         f"(and binary_data_output)", unknown[0])
+
+
+# ---------------------------------------------------------------- routes
+
+
+async def server_metadata(request):
+    return UJSONResponse({"name": "gpt2-run", "version": "1", "extensions": ["binary_tensor_data"]})
+
+
+async def live(request):
+    return UJSONResponse({"live": True})
+
+
+async def ready(request):
+    return UJSONResponse({"ready": True})  # the model loads before the port opens
+
+
+async def model_metadata(request):
+    try:
+        check_name(request)
+    except ParamError as e:
+        return error(e.status, e.message)
+    model = request.app.state.model
+    tensor = {"datatype": "BYTES", "shape": [-1]}
+    return UJSONResponse({"name": model_name(model), "versions": [model.manifest["checkpoint"]],
+                          "platform": "gpt2-run", "inputs": [{"name": INPUT, **tensor}],
+                          "outputs": [{"name": OUTPUT, **tensor}]})
+
+
+async def model_ready(request):
+    try:
+        check_name(request)
+    except ParamError as e:
+        return error(e.status, e.message)
+    return UJSONResponse({"name": model_name(request.app.state.model), "ready": True})
+
+
+async def infer(request):
+    state = request.app.state
+    try:
+        check_name(request)
+        texts, parameters, request_id, binary_out = read_request(
+            await read_body(request), request.headers.get("inference-header-content-length"))
+        check_parameters(state.table, parameters)
+        runs = []
+        for text in texts:
+            values = parse(state.table, {**parameters, "prefix": text})
+            runs.append((prompt_for(state.model, values), values))
+    except ParamError as e:
+        message = e.message.replace("prefix", INPUT)  # the checks shared with GET / name the text so
+        request.state.log = {"error": message, "parameter": INPUT if e.parameter == "prefix" else e.parameter}
+        return error(e.status, message)
+    except ClientDisconnect:
+        return Response(status_code=499)
+
+    request.state.log = fields = {"params": {k: v for k, v in runs[0][1].items() if k != "prefix"},
+                                  "texts": len(texts), "prompt_tokens": [len(prompt) for prompt, _ in runs]}
+    try:
+        await state.gate.enter()
+    except Busy:
+        retry = state.gate.retry_after()
+        fields["error"] = "busy"
+        return error(429, f"busy: one generation runs at a time and {state.gate.size} are waiting; "
+                          f"retry in {retry} s", headers={"Retry-After": str(retry)})
+    started, results = time.perf_counter(), []
+    try:
+        if await client_left(request):
+            fields["disconnected"] = True
+            return Response(status_code=499)
+        for prompt, values in runs:
+            generation = Generation(state.model, prompt, **{k: v for k, v in values.items() if k != "stream"})
+            results.append(await run_in_threadpool(generation.run))
+    finally:
+        state.gate.leave(time.perf_counter() - started if len(results) == len(runs) else None)
+    fields.update(tokens=sum(r["tokens"] for r in results), stop_reason=[r["stop_reason"] for r in results],
+                  seconds=round(time.perf_counter() - started, 3))
+
+    output = {"name": OUTPUT, "datatype": "BYTES", "shape": [len(results)]}
+    answer = {"model_name": model_name(state.model), "model_version": state.model.manifest["checkpoint"],
+              "outputs": [output]}
+    if request_id is not None:
+        answer["id"] = request_id
+    if not binary_out:
+        output["data"] = [r["text"] for r in results]
+        return UJSONResponse(answer)
+    data = pack_bytes([r["text"].encode("utf-8") for r in results])
+    output["parameters"] = {"binary_data_size": len(data)}
+    header = UJSONResponse(answer).body
+    return Response(header + data, media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(header))})
