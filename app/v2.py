@@ -13,6 +13,7 @@ default: a JSON header of Inference-Header-Content-Length bytes, then each BYTES
 little-endian length and its bytes). Errors are {"error": "..."}; a wrong model name, tensor name,
 datatype or shape is a 400.
 """
+import re
 import time
 
 import ujson
@@ -185,7 +186,7 @@ async def infer(request):
             values = parse(state.table, {**parameters, "prefix": text})
             runs.append((prompt_for(state.model, values), values))
     except ParamError as e:
-        message = e.message.replace("prefix", INPUT)  # the checks shared with GET / name the text so
+        message = re.sub(r"\bprefix\b", INPUT, e.message)  # the checks shared with GET / call the text so
         request.state.log = {"error": message, "parameter": INPUT if e.parameter == "prefix" else e.parameter}
         return error(e.status, message)
     except ClientDisconnect:
