@@ -58,8 +58,8 @@ def parameters(table):
         "model": Text(None, 200),  # required: checked against the served model's name
         "prompt": table["prefix"],
         "max_tokens": Integer(16, 1, table["length"].high),
-        "temperature": Number(1.0, 0.0, 2.0),  # 0: greedy
-        "top_p": Number(1.0, 0.0, 1.0),
+        "temperature": Number(1.0, 0.0, table["temperature"].high),  # 0: greedy
+        "top_p": Number(1.0, table["top_p"].low, table["top_p"].high),
         "n": Integer(1, 1, table["nsamples"].high),
         "stream": table["stream"],
         "stop": Stop(table["truncate"].max_chars),
