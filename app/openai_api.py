@@ -30,7 +30,6 @@ OPENAI_NAMES = {"prefix": "prompt", "length": "max_tokens", "nsamples": "n", "tr
 
 class Stop:
     """OpenAI's `stop`: a string or a list of up to `max_items` strings; always parsed to a list."""
-    type = "string"
 
     def __init__(self, max_chars, max_items=4):
         self.default, self.text, self.max_items = None, Text(None, max_chars), max_items
@@ -171,14 +170,12 @@ def complete(generation, stops):
     return [c.text for c in cuts], [finish_reason(c, r) for c, r in zip(cuts, result["stop_reasons"])], result["tokens"]
 
 
-def answer(values, model, choices, prompt_tokens, completion_tokens, chunk=False):
-    body = {"id": values["id"], "object": "text_completion", "created": values["created"],
+def answer(values, model, choices):
+    """A completion, or a chunk of one, without its usage."""
+    return {"id": values["id"], "object": "text_completion", "created": values["created"],
             "model": model_name(model),
             "choices": [{"text": text, "index": i, "finish_reason": reason, "logprobs": None}
                         for i, (text, reason) in enumerate(choices)]}
-    if not chunk:
-        body["usage"] = usage(prompt_tokens, completion_tokens)
-    return body
 
 
 def usage(prompt_tokens, completion_tokens):
@@ -228,7 +225,7 @@ async def completions(request):
     if values["echo"]:
         texts = [values["prompt"] + text for text in texts]
     fields.update(tokens=tokens, stop_reason=reasons[0])
-    return UJSONResponse(answer(values, state.model, zip(texts, reasons), len(prompt), tokens))
+    return UJSONResponse({**answer(values, state.model, zip(texts, reasons)), "usage": usage(len(prompt), tokens)})
 
 
 class CompletionStream(GenerationStream):
@@ -241,7 +238,7 @@ class CompletionStream(GenerationStream):
         super().__init__(generation, gate, fields)
 
     def chunk(self, text, reason=None):
-        return sse(answer(self.values, self.model, [(text, reason)], 0, 0, chunk=True))
+        return sse(answer(self.values, self.model, [(text, reason)]))
 
     async def events(self):
         if self.values["echo"]:
@@ -265,9 +262,7 @@ class CompletionStream(GenerationStream):
         yield self.chunk("", finish_reason(self.cut, result and result["stop_reason"]))
         if self.values["include_usage"]:
             tokens = result["tokens"] if result else len(self.generation.samples[0].ids)
-            body = answer(self.values, self.model, [], 0, 0, chunk=True)
-            body["usage"] = usage(self.prompt_tokens, tokens)
-            yield sse(body)
+            yield sse({**answer(self.values, self.model, []), "usage": usage(self.prompt_tokens, tokens)})
         yield "data: [DONE]\n\n"
 
 
