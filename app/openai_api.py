@@ -6,17 +6,18 @@ Errors are OpenAI's {"error": {"message", "type", "param", "code"}}, which its S
 BadRequestError (400), NotFoundError (404), RateLimitError (429)... Parameters this model cannot
 honour are refused by name unless they are given their neutral value.
 """
+import contextlib
 import re
 import time
 import uuid
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from app import logs
 from app.engine import Generation
-from app.main import Busy, GenerationStream, UJSONResponse, client_left, json_params, prompt_for, sse
+from app.main import (Busy, ClientLeft, GenerationStream, ShuttingDown, UJSONResponse, json_params, prompt_for,
+                      read_body, run, sse, steps, tokens_so_far)
 from app.params import Boolean, Integer, Number, ParamError, Text
 
 # What a neutral value looks like for each parameter we do not support: those values are accepted
@@ -151,19 +152,19 @@ def finish_reason(stop_text, engine_reason):
     return "stop" if stop_text.stopped or engine_reason in ("end_token", "truncate") else "length"
 
 
-def complete(generation, stops):
-    """Run a generation; (texts, finish reasons, completion tokens). With one choice it ends as soon as
-    a stop string appears; with several every choice runs to its end and is cut afterwards."""
+async def complete(request, generation, gate, stops):
+    """Run a generation under main.steps' checks; (texts, finish reasons, completion tokens). With one
+    choice it ends as soon as a stop string appears; with several each is cut afterwards."""
     if len(generation.samples) == 1:
-        cut, steps = StopText(stops), iter(generation)
-        for piece in steps:
-            cut.add(piece)
-            if cut.stopped:
-                steps.close()
-                return [cut.text], ["stop"], len(generation.samples[0].ids)
+        cut = StopText(stops)
+        async with contextlib.aclosing(steps(request, generation, gate)) as pieces:
+            async for piece in pieces:
+                cut.add(piece)
+                if cut.stopped:
+                    return [cut.text], ["stop"], tokens_so_far(generation)
         result = generation.result
         return [cut.text], [finish_reason(cut, result["stop_reason"])], result["tokens"]
-    result = generation.run()
+    result = await run(request, generation, gate)
     cuts = [StopText(stops) for _ in result["texts"]]
     for cut, text in zip(cuts, result["texts"]):
         cut.add(text)
@@ -189,7 +190,7 @@ def usage(prompt_tokens, completion_tokens):
 async def completions(request):
     state = request.app.state
     try:
-        values, engine = parse(state.openai_table, await json_params(request))
+        values, engine = parse(state.openai_table, json_params(request, await read_body(request)))
         if values["model"] != model_name(state.model):
             request.state.log = {"error": "unknown model", "parameter": "model"}
             return error(404, f"the model {values['model']!r} does not exist; this server serves "
@@ -205,6 +206,7 @@ async def completions(request):
     values.update(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()))
     request.state.log = fields = {"params": {k: v for k, v in values.items() if k not in ("id", "created")},
                                   "prompt_tokens": len(prompt)}
+    generation = Generation(state.model, prompt, **engine)
     try:
         await state.gate.enter()
     except Busy:
@@ -212,14 +214,18 @@ async def completions(request):
         fields["error"] = "busy"
         return error(429, f"busy: one generation runs at a time and {state.gate.size} are waiting; "
                           f"retry in {retry} s", code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
-    generation = Generation(state.model, prompt, **engine)
+    except ShuttingDown:
+        return shutting_down(fields)
     if values["stream"]:
-        return CompletionStream(generation, state.gate, fields, values, state.model, len(prompt))
+        return CompletionStream(request, generation, state.gate, fields, values, state.model, len(prompt))
     try:
-        if await client_left(request):  # gave up while waiting in the queue
-            fields["disconnected"] = True
-            return Response(status_code=499)
-        texts, reasons, tokens = await run_in_threadpool(complete, generation, values["stop"] or [])
+        texts, reasons, tokens = await complete(request, generation, state.gate, values["stop"] or [])
+    except ClientLeft:
+        fields.update(disconnected=True, tokens=tokens_so_far(generation))
+        return Response(status_code=499)
+    except ShuttingDown:
+        fields["tokens"] = tokens_so_far(generation)
+        return shutting_down(fields)
     finally:
         state.gate.leave(generation.result and generation.result["seconds"])
     if values["echo"]:
@@ -228,28 +234,44 @@ async def completions(request):
     return UJSONResponse({**answer(values, state.model, zip(texts, reasons)), "usage": usage(len(prompt), tokens)})
 
 
+SHUTDOWN_ERROR = {"error": {"message": "the server is shutting down; retry in 1 s", "type": "server_error",
+                            "param": None, "code": "shutting_down"}}
+
+
+def shutting_down(fields):
+    fields["error"] = "shutting down"
+    return UJSONResponse(SHUTDOWN_ERROR, 503, headers={"Retry-After": "1"})
+
+
 class CompletionStream(GenerationStream):
     """OpenAI's Server-Sent Events: a text_completion chunk per new piece, one with the finish_reason,
-    (a usage chunk if stream_options asked for it), then `data: [DONE]`."""
+    (a usage chunk if stream_options asked for it), then `data: [DONE]`. An error is a chunk with
+    "error", which the SDK raises."""
 
-    def __init__(self, generation, gate, fields, values, model, prompt_tokens):
+    def __init__(self, request, generation, gate, fields, values, model, prompt_tokens):
         self.values, self.model, self.prompt_tokens = values, model, prompt_tokens
         self.cut = StopText(values["stop"] or [])
-        super().__init__(generation, gate, fields)
+        super().__init__(request, generation, gate, fields)
 
     def chunk(self, text, reason=None):
         return sse(answer(self.values, self.model, [(text, reason)]))
 
-    async def events(self):
+    async def events(self, request):
         if self.values["echo"]:
             yield self.chunk(self.values["prompt"])
         try:
-            while (piece := await run_in_threadpool(next, self.steps, None)) is not None:
-                if shown := self.cut.add(piece):
-                    yield self.chunk(shown)
-                if self.cut.stopped:
-                    self.fields["stop_reason"] = "stop"
-                    break
+            async with contextlib.aclosing(steps(request, self.generation, self.gate)) as pieces:
+                async for piece in pieces:
+                    if shown := self.cut.add(piece):
+                        yield self.chunk(shown)
+                    if self.cut.stopped:
+                        break
+        except ClientLeft:
+            return
+        except ShuttingDown:
+            self.fields["error"] = "shutting down"
+            yield sse(SHUTDOWN_ERROR)
+            return
         except Exception:
             logs.logger.exception("generation failed")
             self.fields["error"] = "generation failed"
@@ -261,9 +283,15 @@ class CompletionStream(GenerationStream):
         result = self.generation.result
         yield self.chunk("", finish_reason(self.cut, result and result["stop_reason"]))
         if self.values["include_usage"]:
-            tokens = result["tokens"] if result else len(self.generation.samples[0].ids)
+            tokens = result["tokens"] if result else tokens_so_far(self.generation)
             yield sse({**answer(self.values, self.model, []), "usage": usage(self.prompt_tokens, tokens)})
         yield "data: [DONE]\n\n"
+
+    async def __call__(self, scope, receive, send):
+        await super().__call__(scope, receive, send)
+        if self.cut.stopped:  # it ended at a stop string, not because the client left
+            self.fields.pop("disconnected", None)
+            self.fields["stop_reason"] = "stop"
 
 
 async def models(request):

@@ -1,7 +1,7 @@
 """GET /openapi.json: every route of the three APIs (gpt-2-cloud-run's /, OpenAI's /v1, V2's /v2),
 built from the parameter tables the validation uses, so the description cannot drift from the checks."""
 from app import openai_api, v2
-from app.main import BODY_MAX_BYTES, UJSONResponse
+from app.main import BODY_MAX_BYTES, BODY_SECONDS, UJSONResponse
 
 LIMIT_KEYWORDS = {"min": "minimum", "max": "maximum", "min_exclusive": "exclusiveMinimum", "max_chars": "maxLength"}
 
@@ -45,15 +45,18 @@ def responses(ok, error, codes, ok_content=None):
     answers = {"200": {"description": "OK", "content": ok_content or json_body(ok)}}
     for code in codes:
         answers[str(code)] = {"description": DESCRIPTIONS[code], "content": json_body(error)}
-    if 429 in codes:
-        answers["429"]["headers"] = {"Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}}}
+    for code in {429, 503} & set(codes):
+        answers[str(code)]["headers"] = {"Retry-After": {"required": True,
+                                                         "schema": {"type": "integer", "minimum": 1}}}
     return answers
 
 
 DESCRIPTIONS = {400: "a parameter is wrong; the message says which and what it accepts",
-                404: "no such model (or path)", 405: "method not allowed",
+                404: "no such model", 408: f"the body did not arrive within {BODY_SECONDS} s",
                 413: f"the body is over {BODY_MAX_BYTES} bytes", 415: "the body is not UTF-8 JSON",
-                429: "busy: retry after the Retry-After header's seconds"}
+                429: "busy: retry after Retry-After seconds",
+                503: "shutting down (SIGTERM): retry after Retry-After seconds, another instance answers"}
+GENERATES = (400, 408, 413, 415, 429, 503)  # the statuses of a route that generates
 
 
 def description(app_state):
@@ -66,7 +69,7 @@ def description(app_state):
                      "stop_reason": {"enum": ["length", "end_token", "truncate"]},
                      "texts": STRINGS, "stop_reasons": STRINGS}, ["text", "tokens", "stop_reason", "seconds"])
     piece = obj({"text": STRING}, ["text"])
-    generate = responses(generated, error, (400, 413, 415, 429),
+    generate = responses(generated, error, GENERATES,
                          {**json_body(generated), **sse(["message", "done", "error"],
                                                         {"anyOf": [piece, generated, error]})})
     root = {
@@ -140,7 +143,7 @@ def description(app_state):
             "summary": "OpenAI-compatible completion", "operationId": "openai_completions",
             "requestBody": {"required": True, "content": json_body(obj(completion_properties, ["model"],
                                                                        additionalProperties=False))},
-            "responses": responses(completion, o_error, (400, 404, 413, 415, 429),
+            "responses": responses(completion, o_error, (*GENERATES, 404),
                                    {**json_body(completion), **sse(["message"], {"anyOf": [completion, o_error]}, "[DONE]")})}},
         "/v1/models": get("The served model, OpenAI's way", "openai_models",
                           obj({"object": {"const": "list"}, "data": {"type": "array", "items": model_entry}},
@@ -152,7 +155,7 @@ def description(app_state):
                                                            "extensions": STRINGS}, ["name", "version", "extensions"])),
         "/v2/health/live": get("V2 liveness", "v2_live", obj({"live": BOOLEAN}, ["live"])),
         "/v2/health/ready": get("V2 readiness (usable as Cloud Run's health check)", "v2_ready",
-                                obj({"ready": BOOLEAN}, ["ready"])),
+                                obj({"ready": BOOLEAN}, ["ready"]), (503,)),
         "/v2/models/{name}": get("V2 model metadata", "v2_model", obj(
             {"name": STRING, "versions": STRINGS, "platform": STRING,
              "inputs": {"type": "array", "items": obj({"name": {"const": v2.INPUT}, **tensor_meta})},
@@ -164,7 +167,7 @@ def description(app_state):
             "summary": "V2 inference: texts in text_input, generated texts in text_output",
             "operationId": "v2_infer", "parameters": [model_path],
             "requestBody": {"required": True, "content": json_body(infer_request)},
-            "responses": responses(infer_response, v_error, (400, 413, 429),
+            "responses": responses(infer_response, v_error, [c for c in GENERATES if c != 415],
                                    {**json_body(infer_response),
                                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}})}},
     }

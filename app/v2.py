@@ -17,12 +17,11 @@ import re
 import time
 
 import ujson
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from app.engine import Generation
-from app.main import Busy, UJSONResponse, client_left, prompt_for, read_body
+from app.main import Busy, ClientLeft, ShuttingDown, UJSONResponse, prompt_for, read_body, run, tokens_so_far
 from app.params import ParamError, parse
 
 INPUT, OUTPUT = "text_input", "text_output"
@@ -139,6 +138,11 @@ def check_parameters(table, parameters):
                          f"(and binary_data_output)", unknown[0])
 
 
+def shutting_down(fields):
+    fields["error"] = "shutting down"
+    return error(503, "the server is shutting down; retry in 1 s", headers={"Retry-After": "1"})
+
+
 # ---------------------------------------------------------------- routes
 
 
@@ -151,6 +155,8 @@ async def live(request):
 
 
 async def ready(request):
+    if request.app.state.gate.deadline is not None:  # draining after SIGTERM: send no more requests
+        return error(503, "the server is shutting down", headers={"Retry-After": "1"})
     return UJSONResponse({"ready": True})  # the model loads before the port opens
 
 
@@ -194,6 +200,8 @@ async def infer(request):
 
     request.state.log = fields = {"params": {k: v for k, v in runs[0][1].items() if k != "prefix"},
                                   "texts": len(texts), "prompt_tokens": [len(prompt) for prompt, _ in runs]}
+    generations = [Generation(state.model, prompt, **{k: v for k, v in values.items() if k != "stream"})
+                   for prompt, values in runs]
     try:
         await state.gate.enter()
     except Busy:
@@ -201,14 +209,18 @@ async def infer(request):
         fields["error"] = "busy"
         return error(429, f"busy: one generation runs at a time and {state.gate.size} are waiting; "
                           f"retry in {retry} s", headers={"Retry-After": str(retry)})
+    except ShuttingDown:
+        return shutting_down(fields)
     started, results = time.perf_counter(), []
     try:
-        if await client_left(request):
-            fields["disconnected"] = True
-            return Response(status_code=499)
-        for prompt, values in runs:
-            generation = Generation(state.model, prompt, **{k: v for k, v in values.items() if k != "stream"})
-            results.append(await run_in_threadpool(generation.run))
+        for generation in generations:
+            results.append(await run(request, generation, state.gate))
+    except ClientLeft:
+        fields.update(disconnected=True, tokens=tokens_so_far(generation))
+        return Response(status_code=499)
+    except ShuttingDown:
+        fields["tokens"] = tokens_so_far(generation)
+        return shutting_down(fields)
     finally:
         state.gate.leave(time.perf_counter() - started if len(results) == len(runs) else None)
     fields.update(tokens=sum(r["tokens"] for r in results), stop_reason=[r["stop_reason"] for r in results],

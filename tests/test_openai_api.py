@@ -1,14 +1,11 @@
 """/v1/completions and /v1/models through the official `openai` package, against `python -m app` in a
-subprocess (test_server's running_server), base_url pointing at it."""
-import concurrent.futures
-import json
-import time
-
+subprocess (test_server's running_server), base_url pointing at it. Busy and shutting down: test_protocols_load.py."""
 import httpx
 import openai
 import pytest
 
-from test_server import client_ports, running_server, wait_for_new_client, write_random_run
+from test_hardening import wait_for_log
+from test_server import running_server
 
 PROMPT = "<|startoftext|>my dog"
 
@@ -142,29 +139,11 @@ def test_cors_and_logs(server):
     r = httpx.post(server.url + "/v1/completions", json={"model": "run1", "max_tokens": 3, "seed": 2},
                    headers={"Origin": "http://allowed.example"}, timeout=30)
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://allowed.example"
-    entry = [e for e in server.logs() if e.get("httpRequest", {}).get("requestUrl") == "/v1/completions"][-1]
-    assert entry["severity"] == "INFO" and entry["tokens"] >= 1 and entry["params"]["max_tokens"] == 3
-
-
-def test_busy_is_a_rate_limit_error(tiny_run, tmp_path, free_port):
-    """A slow model, no queue: while one completion runs, another gets 429 with Retry-After."""
-    slow_run = write_random_run(tmp_path / "slow" / "run1", tiny_run)
-    with running_server(slow_run, free_port(), tmp_path / "log", QUEUE_SIZE="0") as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            before = client_ports(server)
-            long = pool.submit(client.completions.create, model="run1", prompt="", max_tokens=400, seed=1)
-            wait_for_new_client(server, before)
-            time.sleep(0.2)  # into the generation
-            refused = None
-            while refused is None and not long.done():  # until the long one holds the gate
-                try:
-                    client.completions.create(model="run1", prompt="", max_tokens=1)
-                except openai.RateLimitError as e:
-                    refused = e
-            assert refused is not None, "no 429 while a completion ran"
-            assert long.result().usage.completion_tokens == 400
-        assert int(refused.response.headers["retry-after"]) >= 1
-        assert refused.code == "rate_limit_exceeded" and "busy" in refused.message
-        body = json.loads(refused.response.text)
-        assert set(body["error"]) == {"message", "type", "param", "code"}
+    entry = wait_for_log(server, lambda e: e.get("params", {}).get("max_tokens") == 3)
+    assert entry["httpRequest"]["requestUrl"] == "/v1/completions" and entry["severity"] == "INFO" and entry["tokens"] >= 1 and entry["params"]["max_tokens"] == 3
+    # A stream that ended at a stop string is logged so, not as a client that left.
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=30, json={
+            "model": "run1", "prompt": PROMPT, "max_tokens": 50, "seed": 5, "stream": True, "stop": [" ", "."]}) as r:
+        assert r.read().endswith(b"data: [DONE]\n\n")
+    entry = wait_for_log(server, lambda e: e.get("params", {}).get("max_tokens") == 50)  # written once sent
+    assert entry["stop_reason"] == "stop" and "disconnected" not in entry

@@ -1,15 +1,12 @@
 """The V2 inference protocol through the official `tritonclient[http]`, against `python -m app` in a
-subprocess (test_server's running_server)."""
-import concurrent.futures
-import time
-
+subprocess (test_server's running_server). Busy and shutting down: test_protocols_load.py."""
 import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from test_server import client_ports, running_server, wait_for_new_client, write_random_run
+from test_server import running_server
 
 TEXTS = ["<|startoftext|>my dog", "<|startoftext|>the cat"]
 
@@ -93,21 +90,3 @@ def test_errors_in_v2_shape(server):
                      content=b"{}")
     assert cut.status_code == 400 and "Inference-Header-Content-Length" in cut.json()["error"]
     assert httpx.get(server.url + "/v2/nothing").json()["error"].startswith("no such path")
-
-
-def test_busy_is_429_with_retry_after(tiny_run, tmp_path, free_port):
-    slow_run = write_random_run(tmp_path / "slow" / "run1", tiny_run)
-    with running_server(slow_run, free_port(), tmp_path / "log", QUEUE_SIZE="0") as server:
-        url = server.url + "/v2/models/run1/infer"
-        body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": [""]}]}
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            before = client_ports(server)
-            long = pool.submit(httpx.post, url, json={**body, "parameters": {"length": 400}}, timeout=60)
-            wait_for_new_client(server, before)
-            time.sleep(0.2)  # into the generation
-            refused = None
-            while refused is None and not long.done():  # until the long one holds the gate
-                r = httpx.post(url, json={**body, "parameters": {"length": 1}}, timeout=60)
-                refused = r if r.status_code == 429 else None
-            assert refused is not None and long.result().status_code == 200
-        assert int(refused.headers["retry-after"]) >= 1 and "busy" in refused.json()["error"]
