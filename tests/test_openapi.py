@@ -1,8 +1,10 @@
 """GET /openapi.json against `python -m app` in a subprocess: it describes every route, follows the same
 parameter table as the checks, and schemathesis (its CLI, as a user runs it) generating requests for
 every operation finds no 5xx and no response that differs from the description."""
+import re
 import subprocess
 import sys
+from urllib.parse import urljoin
 
 import httpx
 import pytest
@@ -45,6 +47,12 @@ def test_describes_every_route_with_the_checks_limits(server):
     infer = spec["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     parameters = infer["properties"]["parameters"]["properties"]
     assert "prefix" not in parameters and parameters["top_k"]["maximum"] == limits["top_k"]["max"]
+
+
+def test_the_page_links_to_it(server):
+    page = httpx.get(server.url + "/ui/")
+    link = re.search(r'href="([^"]*openapi\.json)"', page.text).group(1)
+    assert httpx.get(urljoin(str(page.url), link)).json()["openapi"].startswith("3.1")
 
 
 def test_schemathesis_finds_no_server_error_and_no_undocumented_response(server, tmp_path):
