@@ -70,6 +70,7 @@ def parameters(table):
 
 
 def model_name(model):
+    """The served model's name here and in /v2: its run folder's ("run1")."""
     return model.run_dir.resolve().name
 
 

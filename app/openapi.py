@@ -40,8 +40,8 @@ def json_body(schema):
     return {"application/json": {"schema": schema}}
 
 
-def responses(ok, error, codes, ok_content=None):
-    """ok: the 200 answer's schema; error: the error schema for each of `codes`."""
+def responses(ok, error, codes=(), ok_content=None):
+    """ok: the 200 answer's schema (or ok_content, its media types); error: the schema of `codes`' answers."""
     answers = {"200": {"description": "OK", "content": ok_content or json_body(ok)}}
     for code in codes:
         answers[str(code)] = {"description": DESCRIPTIONS[code], "content": json_body(error)}
@@ -59,122 +59,130 @@ DESCRIPTIONS = {400: "a parameter is wrong; the message says which and what it a
 GENERATES = (400, 408, 413, 415, 429, 503)  # the statuses of a route that generates
 
 
-def description(app_state):
-    table, model = app_state.table, app_state.model
-    name = openai_api.model_name(model)
 
-    # gpt-2-cloud-run's API
+
+def get(summary, operation, answer, error=None, codes=(), parameters=()):
+    return {"get": {"summary": summary, "operationId": operation, "parameters": list(parameters),
+                    "responses": responses(answer, error, codes)}}
+
+
+def api_paths(table):
+    """gpt-2-cloud-run's API: /, /limits, the page, and this description."""
     error = obj({"error": STRING, "parameter": {"type": ["string", "null"]}, "retry_after": INTEGER}, ["error"])
     generated = obj({"text": STRING, "tokens": INTEGER, "seconds": NUMBER,
                      "stop_reason": {"enum": ["length", "end_token", "truncate"]},
                      "texts": STRINGS, "stop_reasons": STRINGS}, ["text", "tokens", "stop_reason", "seconds"])
     piece = obj({"text": STRING}, ["text"])
-    generate = responses(generated, error, GENERATES,
-                         {**json_body(generated), **sse(["message", "done", "error"],
-                                                        {"anyOf": [piece, generated, error]})})
-    root = {
-        "get": {"summary": "Generate text (parameters in the query string)", "operationId": "generate_get",
-                "parameters": [{"name": n, "in": "query", "required": False, "schema": schema(spec)}
-                               for n, spec in table.items()],
-                "responses": generate},
-        "post": {"summary": "Generate text (parameters in a JSON body)", "operationId": "generate_post",
-                 "requestBody": {"required": False, "content": json_body(obj(
-                     {n: schema(spec) for n, spec in table.items()}, additionalProperties=False))},
-                 "responses": generate},
-        "head": {"summary": "Up and loaded (generates nothing)", "operationId": "generate_head",
-                 "responses": {"200": {"description": "OK"}}},
+    generate = responses(generated, error, GENERATES, {
+        **json_body(generated), **sse(["message", "done", "error"], {"anyOf": [piece, generated, error]})})
+    return {
+        "/": {
+            "get": {"summary": "Generate text (parameters in the query string)", "operationId": "generate_get",
+                    "parameters": [{"name": n, "in": "query", "required": False, "schema": schema(spec)}
+                                   for n, spec in table.items()],
+                    "responses": generate},
+            "post": {"summary": "Generate text (parameters in a JSON body)", "operationId": "generate_post",
+                     "requestBody": {"required": False, "content": json_body(obj(
+                         {n: schema(spec) for n, spec in table.items()}, additionalProperties=False))},
+                     "responses": generate},
+            "head": {"summary": "Up and loaded (generates nothing)", "operationId": "generate_head",
+                     "responses": {"200": {"description": "OK"}}},
+        },
+        "/limits": get("Every parameter's default and range, and the model's facts", "limits", {"type": "object"}),
+        "/ui/": {"get": {"summary": "The web page", "operationId": "page",
+                         "responses": {"200": {"description": "OK", "content": {"text/html": {"schema": STRING}}}}}},
+        "/openapi.json": get("This description", "openapi", {"type": "object"}),
     }
 
-    # OpenAI's completions
-    o_error = obj({"error": obj({"message": STRING, "type": STRING, "param": {"type": ["string", "null"]},
-                                 "code": {"type": ["string", "null"]}}, ["message", "type", "param", "code"])},
-                  ["error"])
-    completion_properties = {n: schema(spec) for n, spec in app_state.openai_table.items()}
-    completion_properties["model"] = {"enum": [name]}
-    prompt = completion_properties["prompt"]
-    completion_properties["prompt"] = {"anyOf": [prompt, {"type": "array", "items": prompt, "minItems": 1,
-                                                          "maxItems": 1}]}
-    completion_properties.update({n: {"enum": list(neutral)} for n, neutral in openai_api.UNSUPPORTED.items()})
-    completion_properties["stream_options"] = {"anyOf": [obj({"include_usage": BOOLEAN}, additionalProperties=False),
-                                                         {"type": "null"}]}
+
+def openai_paths(openai_table, name):
+    """OpenAI's completions: /v1/completions, /v1/models, /v1/chat/completions."""
+    error = obj({"error": obj({"message": STRING, "type": STRING, "param": {"type": ["string", "null"]},
+                               "code": {"type": ["string", "null"]}}, ["message", "type", "param", "code"])},
+                ["error"])
+    properties = {n: schema(spec) for n, spec in openai_table.items()}
+    properties["model"] = {"enum": [name]}
+    prompt = properties["prompt"]
+    properties["prompt"] = {"anyOf": [prompt, {"type": "array", "items": prompt, "minItems": 1, "maxItems": 1}]}
+    properties.update({n: {"enum": list(neutral)} for n, neutral in openai_api.UNSUPPORTED.items()})
+    properties["stream_options"] = {"anyOf": [obj({"include_usage": BOOLEAN}, additionalProperties=False),
+                                              {"type": "null"}]}
     choice = obj({"text": STRING, "index": INTEGER, "logprobs": {"type": "null"},
                   "finish_reason": {"enum": ["stop", "length", None]}}, ["text", "index", "finish_reason"])
     usage = obj({k: INTEGER for k in ("prompt_tokens", "completion_tokens", "total_tokens")})
     completion = obj({"id": STRING, "object": {"const": "text_completion"}, "created": INTEGER, "model": STRING,
                       "choices": {"type": "array", "items": choice}, "usage": usage},
                      ["id", "object", "created", "model", "choices"])
-    model_entry = obj({"id": STRING, "object": {"const": "model"}, "created": INTEGER, "owned_by": STRING},
-                      ["id", "object"])
+    model = obj({"id": STRING, "object": {"const": "model"}, "created": INTEGER, "owned_by": STRING}, ["id", "object"])
+    return {
+        "/v1/completions": {"post": {
+            "summary": "OpenAI-compatible completion", "operationId": "openai_completions",
+            "requestBody": {"required": True,
+                            "content": json_body(obj(properties, ["model"], additionalProperties=False))},
+            "responses": responses(completion, error, (*GENERATES, 404), {
+                **json_body(completion), **sse(["message"], {"anyOf": [completion, error]}, "[DONE]")})}},
+        "/v1/models": get("The served model, OpenAI's way", "openai_models",
+                          obj({"object": {"const": "list"}, "data": {"type": "array", "items": model}},
+                              ["object", "data"])),
+        "/v1/chat/completions": {"post": {
+            "summary": "Not offered: this is a completion model (always 404)", "operationId": "openai_chat",
+            "responses": {"404": {"description": "use /v1/completions", "content": json_body(error)}}}},
+    }
 
-    # V2
-    v_error = obj({"error": STRING}, ["error"])
+
+def v2_paths(table, name):
+    """The V2 inference protocol: /v2, its health, the model's metadata and readiness, inference."""
+    error = obj({"error": STRING}, ["error"])
     texts = {"type": "array", "items": STRING, "minItems": 1, "maxItems": v2.MAX_TEXTS}
     shape = {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": v2.MAX_TEXTS},
              "minItems": 1, "maxItems": 1}
-    tensor_meta = {"datatype": {"const": "BYTES"}, "shape": {"const": [-1]}}
-    v2_parameters = {n: schema(spec) for n, spec in v2.generation_parameters(table).items()}
-    v2_parameters["binary_data_output"] = BOOLEAN
-    infer_request = obj({
+    tensor = {"datatype": {"const": "BYTES"}, "shape": {"const": [-1]}}
+    parameters = {n: schema(spec) for n, spec in v2.generation_parameters(table).items()}
+    parameters["binary_data_output"] = BOOLEAN
+    request = obj({
         "id": STRING,
-        "parameters": obj(v2_parameters, additionalProperties=False),
+        "parameters": obj(parameters, additionalProperties=False),
         "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": obj(
             {"name": {"const": v2.INPUT}, "datatype": {"const": "BYTES"}, "shape": shape, "data": texts},
             ["name", "datatype", "shape", "data"])},
         "outputs": {"type": "array", "items": obj({"name": {"const": v2.OUTPUT},
                                                    "parameters": obj({"binary_data": BOOLEAN})}, ["name"])},
     }, ["inputs"])
-    infer_response = obj({"model_name": STRING, "model_version": STRING, "id": STRING, "outputs": {
+    answer = obj({"model_name": STRING, "model_version": STRING, "id": STRING, "outputs": {
         "type": "array", "items": obj({"name": STRING, "datatype": STRING, "shape": {"type": "array", "items": INTEGER},
                                        "data": STRINGS, "parameters": {"type": "object"}},
                                       ["name", "datatype", "shape"])}}, ["model_name", "outputs"])
-    model_path = {"name": "name", "in": "path", "required": True, "schema": {"enum": [name]}}
-
-    def get(summary, operation, answer, codes=(), parameters=()):  # errors of these are 400s of V2's
-        return {"get": {"summary": summary, "operationId": operation, "parameters": list(parameters),
-                        "responses": responses(answer, v_error, codes)}}
-
-    paths = {
-        "/": root,
-        "/limits": get("Every parameter's default and range, and the model's facts", "limits", {"type": "object"}),
-        "/ui/": {"get": {"summary": "The web page", "operationId": "page",
-                         "responses": {"200": {"description": "OK", "content": {"text/html": {"schema": STRING}}}}}},
-        "/openapi.json": get("This description", "openapi", {"type": "object"}),
-        "/v1/completions": {"post": {
-            "summary": "OpenAI-compatible completion", "operationId": "openai_completions",
-            "requestBody": {"required": True, "content": json_body(obj(completion_properties, ["model"],
-                                                                       additionalProperties=False))},
-            "responses": responses(completion, o_error, (*GENERATES, 404),
-                                   {**json_body(completion), **sse(["message"], {"anyOf": [completion, o_error]}, "[DONE]")})}},
-        "/v1/models": get("The served model, OpenAI's way", "openai_models",
-                          obj({"object": {"const": "list"}, "data": {"type": "array", "items": model_entry}},
-                              ["object", "data"])),
-        "/v1/chat/completions": {"post": {
-            "summary": "Not offered: this is a completion model (always 404)", "operationId": "openai_chat",
-            "responses": {"404": {"description": "use /v1/completions", "content": json_body(o_error)}}}},
-        "/v2": get("V2 server metadata", "v2_server", obj({"name": STRING, "version": STRING,
-                                                           "extensions": STRINGS}, ["name", "version", "extensions"])),
+    model = [{"name": "name", "in": "path", "required": True, "schema": {"enum": [name]}}]
+    return {
+        "/v2": get("V2 server metadata", "v2_server",
+                   obj({"name": STRING, "version": STRING, "extensions": STRINGS}, ["name", "version", "extensions"])),
         "/v2/health/live": get("V2 liveness", "v2_live", obj({"live": BOOLEAN}, ["live"])),
         "/v2/health/ready": get("V2 readiness (usable as Cloud Run's health check)", "v2_ready",
-                                obj({"ready": BOOLEAN}, ["ready"]), (503,)),
+                                obj({"ready": BOOLEAN}, ["ready"]), error, (503,)),
         "/v2/models/{name}": get("V2 model metadata", "v2_model", obj(
             {"name": STRING, "versions": STRINGS, "platform": STRING,
-             "inputs": {"type": "array", "items": obj({"name": {"const": v2.INPUT}, **tensor_meta})},
-             "outputs": {"type": "array", "items": obj({"name": {"const": v2.OUTPUT}, **tensor_meta})}},
-            ["name", "platform", "inputs", "outputs"]), (400,), [model_path]),
+             "inputs": {"type": "array", "items": obj({"name": {"const": v2.INPUT}, **tensor})},
+             "outputs": {"type": "array", "items": obj({"name": {"const": v2.OUTPUT}, **tensor})}},
+            ["name", "platform", "inputs", "outputs"]), error, (400,), model),
         "/v2/models/{name}/ready": get("V2 model readiness", "v2_model_ready",
-                                       obj({"name": STRING, "ready": BOOLEAN}, ["name", "ready"]), (400,), [model_path]),
+                                       obj({"name": STRING, "ready": BOOLEAN}, ["name", "ready"]),
+                                       error, (400,), model),
         "/v2/models/{name}/infer": {"post": {
             "summary": "V2 inference: texts in text_input, generated texts in text_output",
-            "operationId": "v2_infer", "parameters": [model_path],
-            "requestBody": {"required": True, "content": json_body(infer_request)},
-            "responses": responses(infer_response, v_error, [c for c in GENERATES if c != 415],
-                                   {**json_body(infer_response),
-                                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}})}},
+            "operationId": "v2_infer", "parameters": model,
+            "requestBody": {"required": True, "content": json_body(request)},
+            "responses": responses(answer, error, [c for c in GENERATES if c != 415], {
+                **json_body(answer), "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}})}},
     }
+
+
+def description(state):
+    name = openai_api.model_name(state.model)
     return {"openapi": "3.1.0",
             "info": {"title": "gpt2-run", "version": "1",
-                     "description": f"GPT-2 text generation from {name} ({model.manifest['checkpoint']})"},
-            "paths": paths}
+                     "description": f"GPT-2 text generation from {name} ({state.model.manifest['checkpoint']})"},
+            "paths": {**api_paths(state.table), **openai_paths(state.openai_table, name),
+                      **v2_paths(state.table, name)}}
 
 
 async def route(request):

@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from app.engine import Generation
 from app.main import Busy, ClientLeft, ShuttingDown, UJSONResponse, prompt_for, read_body, run, tokens_so_far
+from app.openai_api import model_name
 from app.params import ParamError, parse
 
 INPUT, OUTPUT = "text_input", "text_output"
@@ -31,10 +32,6 @@ NOT_PARAMETERS = ("prefix", "stream", "nsamples")  # the text is the input; one 
 
 def error(status, message, headers=None):
     return UJSONResponse({"error": message}, status, headers=headers)
-
-
-def model_name(model):
-    return model.run_dir.resolve().name
 
 
 def check_name(request):
@@ -95,7 +92,7 @@ def read_request(body, header_length):
         raise ParamError(f"{INPUT}'s parameters must be an object")
     size = tensor_params.get("binary_data_size")
     if size is not None:
-        if type(size) is not int or not 0 <= size <= len(binary) or size != len(binary):
+        if type(size) is not int or size != len(binary):
             raise ParamError(f"{INPUT}'s binary_data_size must be the {len(binary)} bytes after the JSON header")
         items = unpack_bytes(binary)
     else:

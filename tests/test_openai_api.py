@@ -66,7 +66,8 @@ def test_n_seed_temperature_echo(client):
     assert first.choices[0].text == second.choices[0].text
     assert len({complete(client, seed=s, temperature=1.5).choices[0].text for s in range(6)}) > 1
     # temperature 0 is greedy: the seed does not matter.
-    assert complete(client, seed=1, temperature=0).choices[0].text == complete(client, seed=2, temperature=0).choices[0].text
+    greedy = {complete(client, seed=s, temperature=0).choices[0].text for s in (1, 2)}
+    assert len(greedy) == 1
     echoed = complete(client, seed=7, temperature=1.5, echo=True).choices[0].text
     assert echoed == PROMPT + first.choices[0].text
 
@@ -140,7 +141,8 @@ def test_cors_and_logs(server):
                    headers={"Origin": "http://allowed.example"}, timeout=30)
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://allowed.example"
     entry = wait_for_log(server, lambda e: e.get("params", {}).get("max_tokens") == 3)
-    assert entry["httpRequest"]["requestUrl"] == "/v1/completions" and entry["severity"] == "INFO" and entry["tokens"] >= 1 and entry["params"]["max_tokens"] == 3
+    assert entry["httpRequest"]["requestUrl"] == "/v1/completions" and entry["severity"] == "INFO"
+    assert entry["tokens"] >= 1
     # A stream that ended at a stop string is logged so, not as a client that left.
     with httpx.stream("POST", server.url + "/v1/completions", timeout=30, json={
             "model": "run1", "prompt": PROMPT, "max_tokens": 50, "seed": 5, "stream": True, "stop": [" ", "."]}) as r:
