@@ -86,7 +86,7 @@ def openai_message(message):
 
 
 def parse(table, given):
-    """OpenAI parameters -> (their values, the engine's keyword arguments). ParamError names OpenAI's name."""
+    """OpenAI's parameters, checked as params.parse checks ours; ParamError names OpenAI's name."""
     for name, value in given.items():
         if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
             raise ParamError(f"{name} is not supported by this model", name)
@@ -101,11 +101,12 @@ def parse(table, given):
     values = {}
     for name, spec in table.items():
         value = given.get(name)
-        parsed = spec.default if value is None else spec.parse(value)
-        if parsed is None and value is not None:
+        values[name] = spec.default if value is None else spec.parse(value)
+        if values[name] is None and value is not None:
             shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            if isinstance(value, str) and isinstance(spec, (Text, Stop)):
+                shown = f"{len(value)} characters"  # not the user's text: it goes to the logs too
             raise ParamError(f"{name} must be {spec.describe()}, got {shown}", name)
-        values[name] = parsed
     if values["model"] is None:
         raise ParamError("model is required: the name GET /v1/models lists", "model")
     if values["stream"] and values["n"] > 1:
@@ -115,15 +116,21 @@ def parse(table, given):
                                     and isinstance(options.get("include_usage", False), bool)):
         raise ParamError('stream_options must be {"include_usage": true or false}', "stream_options")
     values["include_usage"] = bool(options and options.get("include_usage"))
-    stops = values["stop"] or []
-    greedy = values["temperature"] == 0 or values["top_p"] == 0
-    engine = {"prefix": values["prompt"], "length": values["max_tokens"], "nsamples": values["n"],
-              "seed": values["seed"], "temperature": 1.0 if greedy else values["temperature"],
-              "top_k": 1 if greedy else 0, "top_p": 0.0 if greedy or values["top_p"] == 1 else values["top_p"],
-              # One stop string the engine stops at itself; more are cut here (StopText).
-              "truncate": stops[0] if len(stops) == 1 else None,
-              "include_prefix": False}  # echo adds the prompt here, exactly as given
-    return values, engine
+    values["stop"] = values["stop"] or []
+    return values
+
+
+def engine_arguments(values, table):
+    """Generation's keyword arguments for OpenAI's values; `table` is the API's, whose lowest temperature
+    is the engine's: below it (OpenAI's 0 included) decoding is greedy, as is top_p 0."""
+    greedy = values["temperature"] < table["temperature"].low or values["top_p"] == 0
+    stops = values["stop"]
+    return {"prefix": values["prompt"], "length": values["max_tokens"], "nsamples": values["n"],
+            "seed": values["seed"], "temperature": 1.0 if greedy else values["temperature"],
+            "top_k": 1 if greedy else 0, "top_p": 0.0 if greedy or values["top_p"] == 1 else values["top_p"],
+            # One stop string the engine stops at itself; more are cut here (StopText).
+            "truncate": stops[0] if len(stops) == 1 else None,
+            "include_prefix": False}  # echo adds the prompt here, exactly as given
 
 
 class StopText:
@@ -191,7 +198,8 @@ def usage(prompt_tokens, completion_tokens):
 async def completions(request):
     state = request.app.state
     try:
-        values, engine = parse(state.openai_table, json_params(request, await read_body(request)))
+        values = parse(state.openai_table, json_params(request, await read_body(request)))
+        engine = engine_arguments(values, state.table)
         if values["model"] != model_name(state.model):
             request.state.log = {"error": "unknown model", "parameter": "model"}
             return error(404, f"the model {values['model']!r} does not exist; this server serves "
@@ -205,7 +213,9 @@ async def completions(request):
         return Response(status_code=499)
 
     values.update(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()))
-    request.state.log = fields = {"params": {k: v for k, v in values.items() if k not in ("id", "created")},
+    # Logged as GET / logs: the prompt as its length (as prefix_chars) unless LOG_PROMPTS=1.
+    logged = {k: v for k, v in values.items() if k not in ("id", "created", "prompt")}
+    request.state.log = fields = {"params": logs.private({**logged, "prefix": values["prompt"]}),
                                   "prompt_tokens": len(prompt)}
     generation = Generation(state.model, prompt, **engine)
     try:
@@ -220,7 +230,7 @@ async def completions(request):
     if values["stream"]:
         return CompletionStream(request, generation, state.gate, fields, values, state.model, len(prompt))
     try:
-        texts, reasons, tokens = await complete(request, generation, state.gate, values["stop"] or [])
+        texts, reasons, tokens = await complete(request, generation, state.gate, values["stop"])
     except ClientLeft:
         fields.update(disconnected=True, tokens=tokens_so_far(generation))
         return Response(status_code=499)
@@ -251,7 +261,7 @@ class CompletionStream(GenerationStream):
 
     def __init__(self, request, generation, gate, fields, values, model, prompt_tokens):
         self.values, self.model, self.prompt_tokens = values, model, prompt_tokens
-        self.cut = StopText(values["stop"] or [])
+        self.cut = StopText(values["stop"])
         super().__init__(request, generation, gate, fields)
 
     def chunk(self, text, reason=None):

@@ -13,15 +13,16 @@ default: a JSON header of Inference-Header-Content-Length bytes, then each BYTES
 little-endian length and its bytes). Errors are {"error": "..."}; a wrong model name, tensor name,
 datatype or shape is a 400.
 """
+import json
 import re
 import time
 
-import ujson
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from app.engine import Generation
-from app.main import Busy, ClientLeft, ShuttingDown, UJSONResponse, prompt_for, read_body, run, tokens_so_far
+from app.main import (Busy, ClientLeft, ShuttingDown, UJSONResponse, prompt_for, read_body, run, tokens_so_far,
+                      unique_keys)
 from app.openai_api import model_name
 from app.params import ParamError, parse
 
@@ -68,9 +69,11 @@ def read_request(body, header_length):
     else:
         raise ParamError(f"Inference-Header-Content-Length must be a number of bytes up to the body's {len(body)}")
     try:
-        data = ujson.loads(header.decode("utf-8"))
+        data = json.loads(header.decode("utf-8"), object_pairs_hook=unique_keys)
     except (UnicodeDecodeError, ValueError) as e:
         raise ParamError(f"the request is not valid UTF-8 JSON ({e})") from None
+    except RecursionError:
+        raise ParamError("the request is not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict) or not isinstance(data.get("inputs"), list):
         raise ParamError(f'the request must be a JSON object with "inputs": [{{"name": "{INPUT}", ...}}]')
     if unknown := set(data) - {"id", "parameters", "inputs", "outputs"}:

@@ -65,8 +65,8 @@ def test_n_seed_temperature_echo(client):
     first, second = complete(client, seed=7, temperature=1.5), complete(client, seed=7, temperature=1.5)
     assert first.choices[0].text == second.choices[0].text
     assert len({complete(client, seed=s, temperature=1.5).choices[0].text for s in range(6)}) > 1
-    # temperature 0 is greedy: the seed does not matter.
-    greedy = {complete(client, seed=s, temperature=0).choices[0].text for s in (1, 2)}
+    # temperature 0 is greedy (and so is any below the engine's lowest, 0.01): the seed does not matter.
+    greedy = {complete(client, seed=s, temperature=t).choices[0].text for s, t in ((1, 0), (2, 0), (3, 1e-30))}
     assert len(greedy) == 1
     echoed = complete(client, seed=7, temperature=1.5, echo=True).choices[0].text
     assert echoed == PROMPT + first.choices[0].text
@@ -129,10 +129,11 @@ def test_body_errors_in_openai_shape(server):
     wrong_type = httpx.post(url, content=b'{"model": "run1"}', headers={"Content-Type": "text/plain"})
     not_json = httpx.post(url, content=b"{", headers={"Content-Type": "application/json"})
     missing_model = httpx.post(url, json={"prompt": "hi"})
-    for r, status in ((too_big, 413), (wrong_type, 415), (not_json, 400), (missing_model, 400)):
+    twice = httpx.post(url, content=b'{"model": "run1", "n": 1, "n": 2}', headers={"Content-Type": "application/json"})
+    for r, status in ((too_big, 413), (wrong_type, 415), (not_json, 400), (missing_model, 400), (twice, 400)):
         assert r.status_code == status, r.text
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
-    assert missing_model.json()["error"]["param"] == "model"
+    assert missing_model.json()["error"]["param"] == "model" and twice.json()["error"]["param"] == "n"
     assert httpx.get(url).status_code == 405 and "error" in httpx.get(url).json()
 
 
@@ -143,6 +144,9 @@ def test_cors_and_logs(server):
     entry = wait_for_log(server, lambda e: e.get("params", {}).get("max_tokens") == 3)
     assert entry["httpRequest"]["requestUrl"] == "/v1/completions" and entry["severity"] == "INFO"
     assert entry["tokens"] >= 1
+    # The prompt is logged as its length only (LOG_PROMPTS=1 logs it).
+    assert entry["params"]["prefix_chars"] == 0 and "prompt" not in entry["params"]
+    assert PROMPT not in server.log_path.read_text()
     # A stream that ended at a stop string is logged so, not as a client that left.
     with httpx.stream("POST", server.url + "/v1/completions", timeout=30, json={
             "model": "run1", "prompt": PROMPT, "max_tokens": 50, "seed": 5, "stream": True, "stop": [" ", "."]}) as r:

@@ -37,7 +37,7 @@ def test_describes_every_route_with_the_checks_limits(server):
     assert list(query) == [name for name in limits if name in query] and set(query) >= {"length", "seed", "stream"}
     assert query["prefix"]["maxLength"] == PREFIX_MAX_CHARS == limits["prefix"]["max_chars"]
     assert query["length"]["maximum"] == limits["length"]["max"] == 1023
-    assert query["temperature"]["exclusiveMinimum"] == 0
+    assert query["temperature"]["minimum"] == limits["temperature"]["min"] == 0.01
 
     completion = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert completion["properties"]["prompt"]["anyOf"][0]["maxLength"] == PREFIX_MAX_CHARS

@@ -84,8 +84,10 @@ def int_input():
 
 
 def test_errors_in_v2_shape(server):
-    bad = httpx.post(server.url + "/v2/models/run1/infer", content=b'{"inputs": [}')
-    assert bad.status_code == 400 and set(bad.json()) == {"error"}
+    for body in (b'{"inputs": [}', b'{"inputs": [], "inputs": []}'):
+        bad = httpx.post(server.url + "/v2/models/run1/infer", content=body)
+        assert bad.status_code == 400 and set(bad.json()) == {"error"}
+    assert "inputs is given more than once" in bad.json()["error"]
     cut = httpx.post(server.url + "/v2/models/run1/infer", headers={"Inference-Header-Content-Length": "99"},
                      content=b"{}")
     assert cut.status_code == 400 and "Inference-Header-Content-Length" in cut.json()["error"]
