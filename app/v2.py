@@ -64,7 +64,7 @@ def read_request(body, header_length):
     """(texts, generation parameters, request id, whether to answer in binary) from an infer body."""
     if header_length is None:
         header, binary = body, b""
-    elif header_length.isdigit() and int(header_length) <= len(body):
+    elif header_length.isascii() and header_length.isdigit() and int(header_length) <= len(body):
         header, binary = body[:int(header_length)], body[int(header_length):]
     else:
         raise ParamError(f"Inference-Header-Content-Length must be a number of bytes up to the body's {len(body)}")
