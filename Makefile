@@ -15,7 +15,9 @@ setup-python: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-train.txt requirements-gpt2simple.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	# llama-cpp-python: compiled once into wheels/ (kept; the container test hands it to the image build)
+	PIP="$(PY) -m pip" scripts/llama_wheel.sh wheels
+	$(PY) -m pip install -q --find-links wheels --only-binary llama-cpp-python -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -r requirements-gpt2simple.txt
 	touch $@
 

@@ -1,15 +1,9 @@
-"""GPT-2 inference in NumPy: the exported weights (memory-mapped .npy), a key/value cache, and
-sampling as gpt-2-simple defines it. No TensorFlow here.
-
-The forward pass follows gpt_2_simple/src/model.py line for line; names mirror its variables
-(wte, wpe, h<i>/ln_1, attn/c_attn, ...). Weights are float32 and used in place from the mmap:
-conv1d weights are [1, nx, nf], so `x @ w[0]` is the layer, and the language-model head is
-`x @ wte.T`, a matrix-vector product over wte's contiguous rows (no transposed copy needed).
+"""GPT-2 for the server: the exported GGUF model run by llama.cpp (app/llama_engine.py), our
+tokenizer, and sampling as gpt-2-simple defines it (temperature, then top_p or top_k), in NumPy
+on llama.cpp's logits. No TensorFlow here.
 """
 import hashlib
 import json
-import math
-import mmap
 import re
 import threading
 import time
@@ -17,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from app.llama_engine import LlamaError, LlamaModel
 from app.tokenizer import END_OF_TEXT, TextDecoder, Tokenizer
 
 EXPORT_COMMAND = "python -m finetune.export {}"
@@ -66,54 +61,13 @@ def check_export(run_dir, hparams):
         raise ModelError(f"the exported weights do not match {index.name} (it changed since the export): {fix}")
     if manifest.get("hparams", hparams) != hparams:
         raise ModelError(f"the exported weights were made with other hparams than {run_dir}/hparams.json: {fix}")
+    gguf = manifest.get("gguf")
+    if not (isinstance(gguf, str) and Path(gguf).name == gguf and (run_dir / "weights" / gguf).is_file()):
+        raise ModelError(f"{run_dir / 'weights'} has no GGUF model (an export from an older version?): {fix}")
     return manifest
 
 
-def expected_shapes(hp):
-    """Every variable gpt-2-simple's model() creates, with its shape."""
-    c, v = hp["n_embd"], hp["n_vocab"]
-    shapes = {"model/wte": [v, c], "model/wpe": [hp["n_ctx"], c], "model/ln_f/g": [c], "model/ln_f/b": [c]}
-    for i in range(hp["n_layer"]):
-        p = f"model/h{i}/"
-        shapes.update({
-            p + "ln_1/g": [c], p + "ln_1/b": [c], p + "ln_2/g": [c], p + "ln_2/b": [c],
-            p + "attn/c_attn/w": [1, c, 3 * c], p + "attn/c_attn/b": [3 * c],
-            p + "attn/c_proj/w": [1, c, c], p + "attn/c_proj/b": [c],
-            p + "mlp/c_fc/w": [1, c, 4 * c], p + "mlp/c_fc/b": [4 * c],
-            p + "mlp/c_proj/w": [1, 4 * c, c], p + "mlp/c_proj/b": [c],
-        })
-    return shapes
-
-
-def load_weights(run_dir, hparams):
-    weights = {}
-    for name, shape in expected_shapes(hparams).items():
-        path = run_dir / "weights" / (name.replace("/", ".") + ".npy")
-        try:
-            # np.asarray drops the np.memmap subclass (its per-operation overhead), keeping the mapping.
-            array = np.asarray(np.load(path, mmap_mode="r", allow_pickle=False))
-        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
-            raise ModelError(f"{path} is missing or unreadable ({e}): "
-                             f"run `{EXPORT_COMMAND.format(run_dir)}`") from None
-        if list(array.shape) != shape or array.dtype != np.float32:
-            raise ModelError(f"{path} holds {array.dtype}{list(array.shape)}, expected float32{shape}: "
-                             f"run `{EXPORT_COMMAND.format(run_dir)}`")
-        weights[name] = array
-    return weights
-
-
 # ---------------------------------------------------------------- the model
-
-
-def layer_norm(x, g, b, eps=1e-5):
-    u = x.mean(axis=-1, keepdims=True)
-    x = x - u
-    s = (x * x).mean(axis=-1, keepdims=True)
-    return x / np.sqrt(s + eps) * g + b
-
-
-def gelu(x):
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
 def softmax(x):
@@ -147,17 +101,13 @@ class GPT2:
                              f"of n_head {self.n_head}")
         self.hparams = hp
         self.manifest = check_export(run_dir, hp)
-        w = load_weights(run_dir, hp)
-        self.wte, self.wpe = w["model/wte"], w["model/wpe"]
-        self.ln_f = (w["model/ln_f/g"], w["model/ln_f/b"])
-        self.blocks = []
-        for i in range(self.n_layer):
-            p = f"model/h{i}/"
-            self.blocks.append({k: w[p + k] for k in (
-                "ln_1/g", "ln_1/b", "ln_2/g", "ln_2/b", "attn/c_attn/b", "attn/c_proj/b",
-                "mlp/c_fc/b", "mlp/c_proj/b")})
-            for k in ("attn/c_attn/w", "attn/c_proj/w", "mlp/c_fc/w", "mlp/c_proj/w"):
-                self.blocks[i][k] = w[p + k][0]  # [1, nx, nf] -> [nx, nf], a view
+        fix = f"run `{EXPORT_COMMAND.format(run_dir)}`"
+        try:
+            self.llama = LlamaModel(run_dir / "weights" / self.manifest["gguf"], self.n_ctx, MAX_NSAMPLES)
+        except LlamaError as e:
+            raise ModelError(f"{e}: {fix}") from None
+        if self.llama.n_vocab != self.n_vocab:
+            raise ModelError(f"the exported model has {self.llama.n_vocab} tokens, hparams.json {self.n_vocab}: {fix}")
         try:
             self.tokenizer = Tokenizer(run_dir, self.n_vocab)
         except Exception as e:  # tokenizers raises its own exception types for bad files
@@ -165,45 +115,11 @@ class GPT2:
         if self.tokenizer.end_token is None:
             raise ModelError(f"{run_dir / 'encoder.json'} has no {END_OF_TEXT} token")
         self.run_dir = run_dir
-        # The key/value cache, allocated once as an anonymous mapping: its pages become resident only
-        # as positions are used (np.zeros would ask for 2 MB huge pages and make ~150 MB resident at once).
-        shape = (self.n_layer, 2, MAX_NSAMPLES, self.n_head, self.n_ctx, self.n_embd // self.n_head)
-        self.kv = np.frombuffer(mmap.mmap(-1, 4 * math.prod(shape)), np.float32).reshape(shape)
-        self.lock = threading.Lock()  # one forward pass sequence at a time: the cache is shared
-
-    def forward(self, tokens, past, all_logits=False):
-        """tokens [B, T] at positions past..past+T-1, with the cache filled before `past`.
-
-        Writes this step's keys/values into the cache; returns logits [B, V] of the last position
-        (or [B, T, V] with all_logits, for tests)."""
-        B, T = tokens.shape
-        C, H = self.n_embd, self.n_head
-        hd = C // H
-        total = past + T
-        x = (self.wte[tokens] + self.wpe[past:total]).reshape(B * T, C)
-        if T > 1:  # causal mask: query i (at past+i) sees keys 0..past+i
-            mask = np.arange(total)[None, :] > (past + np.arange(T))[:, None]
-        for layer, blk in enumerate(self.blocks):
-            h = layer_norm(x, blk["ln_1/g"], blk["ln_1/b"])
-            qkv = (h @ blk["attn/c_attn/w"] + blk["attn/c_attn/b"]).reshape(B, T, 3, H, hd)
-            q = qkv[:, :, 0].transpose(0, 2, 1, 3)  # [B, H, T, hd]
-            cache_k = self.kv[layer, 0, :B]
-            cache_v = self.kv[layer, 1, :B]
-            cache_k[:, :, past:total] = qkv[:, :, 1].transpose(0, 2, 1, 3)
-            cache_v[:, :, past:total] = qkv[:, :, 2].transpose(0, 2, 1, 3)
-            att = (q @ cache_k[:, :, :total].transpose(0, 1, 3, 2)) * np.float32(1 / math.sqrt(hd))
-            if T > 1:
-                att[..., mask] = -1e10
-            a = softmax(att) @ cache_v[:, :, :total]  # [B, H, T, hd]
-            a = a.transpose(0, 2, 1, 3).reshape(B * T, C)
-            x = x + (a @ blk["attn/c_proj/w"] + blk["attn/c_proj/b"])
-            h = layer_norm(x, blk["ln_2/g"], blk["ln_2/b"])
-            h = gelu(h @ blk["mlp/c_fc/w"] + blk["mlp/c_fc/b"])
-            x = x + (h @ blk["mlp/c_proj/w"] + blk["mlp/c_proj/b"])
-        if all_logits:
-            return (layer_norm(x, *self.ln_f) @ self.wte.T).reshape(B, T, self.n_vocab)
-        last = x.reshape(B, T, C)[:, -1]
-        return layer_norm(last, *self.ln_f) @ self.wte.T
+        # NaN or infinite weights (a diverged run) make NaN logits: refuse them rather than answer "".
+        if not np.isfinite(self.llama.prompt([self.tokenizer.end_token])).all():
+            raise ModelError(f"the weights in {run_dir / 'weights'} are not finite (NaN or infinity): the run "
+                             "diverged; train again from an earlier checkpoint or with a lower --learning-rate")
+        self.lock = threading.Lock()  # one generation at a time: the key/value cache is shared
 
 
 # ---------------------------------------------------------------- sampling
@@ -308,9 +224,9 @@ class Generation:
         B, T = len(samples), len(self.prompt)
         with model.lock:
             started = time.perf_counter()
-            logits = model.forward(np.array([self.prompt]), 0)
-            if B > 1:  # same prompt for every row: compute it once, copy its keys/values
-                model.kv[:, :, 1:B, :, :T] = model.kv[:, :, :1, :, :T]
+            logits = model.llama.prompt(self.prompt)
+            if B > 1:  # same prompt for every sample: computed once, shared
+                model.llama.fork(B)
                 logits = np.repeat(logits, B, axis=0)
             for step in range(self.length):
                 tokens = sample(filter_logits(logits, self.temperature, self.top_k, self.top_p), self.rng)
@@ -320,7 +236,7 @@ class Generation:
                 if all(s.stop_reason for s in samples) or step + 1 == self.length:
                     break
                 yield samples[0].new_piece()
-                logits = model.forward(tokens[:, None], T + step)
+                logits = model.llama.step(tokens, T + step)
             for s in samples:
                 s.finish()
             seconds = time.perf_counter() - started

@@ -1,14 +1,16 @@
-"""Export a run's latest checkpoint as one .npy per tensor, for the TensorFlow-free server.
+"""Export a run's latest checkpoint as a GGUF file for the server (llama.cpp, no TensorFlow).
 
-    python -m finetune.export checkpoint/run1
+    python -m finetune.export checkpoint/run1 [--quant Q8_0]
 
-Writes RUN_DIR/weights/ (model.wte.npy, model.h0.attn.c_attn.w.npy, ..., manifest.json) into a
-temporary folder first and swaps it in only when complete, so a failed export never replaces a good
-one. The manifest names the checkpoint and the sha256 of its .index file: the server compares them
-with the `checkpoint` file to refuse a stale export.
+Writes RUN_DIR/weights/ (model.gguf, manifest.json) into a new folder and renames it into place
+only when complete: a failed export never replaces a good one, and no file a running server has
+mapped is ever rewritten (the old folder is renamed aside, then deleted). The manifest names the
+checkpoint and the sha256 of its .index file: the server compares them with the `checkpoint` file
+to refuse a stale export. Weights that are not finite (a diverged run) are refused.
 
-Imports only numpy and tensorflow (plus the standard library): the Docker build stage runs it alone.
+Imports numpy, tensorflow, gguf and llama_cpp (quantizing) only: the Docker build stage runs it alone.
 """
+import argparse
 import hashlib
 import json
 import os
@@ -22,6 +24,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import numpy as np
+
+from finetune.gguf_export import DEFAULT_QUANT, QUANTS, write_gguf
+
+GGUF_NAME = "model.gguf"
 
 
 class ExportError(Exception):
@@ -49,8 +55,10 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def export(run_dir):
+def export(run_dir, quant=DEFAULT_QUANT):
     """Write run_dir/weights/ for the latest checkpoint; return the path of manifest.json."""
+    if quant not in QUANTS:
+        raise ExportError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     run_dir = os.path.abspath(run_dir)
     if not os.path.isdir(run_dir):
         raise ExportError(f"run folder {run_dir} does not exist")
@@ -82,13 +90,19 @@ def export(run_dir):
                 raise ExportError(f"cannot read {var} from {prefix}: {str(e).splitlines()[0]}") from None
             if value.dtype != np.float32:
                 raise ExportError(f"{var} in {prefix} is {value.dtype}, expected float32")
-            np.save(os.path.join(tmp_dir, var.replace("/", ".") + ".npy"), value, allow_pickle=False)
-            tensors[var] = {"shape": list(value.shape), "dtype": "float32"}
+            if not np.isfinite(value).all():
+                raise ExportError(f"{var} in {prefix} holds NaN or infinite values: the training diverged; "
+                                  "train again with a lower --learning-rate or from an earlier checkpoint")
+            tensors[var] = value
+        write_gguf(os.path.join(tmp_dir, GGUF_NAME), tensors, hparams, run_dir, quant,
+                   name=os.path.basename(run_dir))
         manifest = {
             "checkpoint": name,
             "index_sha256": sha256_of(index_path),
             "hparams": hparams,
-            "tensors": tensors,
+            "gguf": GGUF_NAME,
+            "quant": quant,
+            "tensors": {var: list(value.shape) for var, value in tensors.items()},
         }
         with open(os.path.join(tmp_dir, "manifest.json"), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
@@ -106,19 +120,26 @@ def export(run_dir):
     return os.path.join(out_dir, "manifest.json")
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        self.exit(2, f"error: {message} (usage: python -m finetune.export RUN_DIR [--quant TYPE])\n")
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m finetune.export RUN_DIR   (e.g. checkpoint/run1)", file=sys.stderr)
-        return 2
+    parser = Parser(prog="python -m finetune.export", description="Export a run's latest checkpoint as GGUF.")
+    parser.add_argument("run_dir", help="the run folder, e.g. checkpoint/run1")
+    parser.add_argument("--quant", default=DEFAULT_QUANT, choices=list(QUANTS),
+                        help=f"weight type of the GGUF file (default {DEFAULT_QUANT})")
+    args = parser.parse_args(argv)
     try:
-        manifest_path = export(argv[0])
+        manifest_path = export(args.run_dir, args.quant)
     except (ExportError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     with open(manifest_path, encoding="utf-8") as f:
         manifest = json.load(f)
-    print(f"exported {manifest['checkpoint']} ({len(manifest['tensors'])} tensors) to {os.path.dirname(manifest_path)}")
+    print(f"exported {manifest['checkpoint']} as {manifest['quant']} to "
+          f"{os.path.join(os.path.dirname(manifest_path), manifest['gguf'])}")
     return 0
 
 

@@ -60,14 +60,11 @@ def test_export_matches_checkpoint(tiny_run):
     assert manifest["index_sha256"] == hashlib.sha256(index).hexdigest()
     assert manifest["hparams"] == json.loads((tiny_run / "hparams.json").read_text())
     h = manifest["hparams"]
-    tensors = manifest["tensors"]
-    assert tensors["model/wte"] == {"shape": [h["n_vocab"], h["n_embd"]], "dtype": "float32"}
-    assert tensors["model/wpe"]["shape"] == [h["n_ctx"], h["n_embd"]]
-    assert tensors["model/h0/attn/c_attn/w"]["shape"] == [1, h["n_embd"], 3 * h["n_embd"]]
-    assert len(tensors) == 2 + 12 * h["n_layer"] + 2
-    for name, meta in tensors.items():
-        array = np.load(tiny_run / "weights" / (name.replace("/", ".") + ".npy"), mmap_mode="r")
-        assert array.dtype == np.float32 and list(array.shape) == meta["shape"], name
+    assert manifest["tensors"]["model/wte"] == [h["n_vocab"], h["n_embd"]]
+    assert manifest["tensors"]["model/h0/attn/c_attn/w"] == [1, h["n_embd"], 3 * h["n_embd"]]
+    assert len(manifest["tensors"]) == 2 + 12 * h["n_layer"] + 2
+    assert (manifest["gguf"], manifest["quant"]) == ("model.gguf", "Q8_0")  # the default
+    assert sorted(p.name for p in (tiny_run / "weights").iterdir()) == ["manifest.json", "model.gguf"]
 
 
 GENERATE = """
@@ -310,7 +307,7 @@ def test_export_cli_recreates_the_same_weights(tiny_run, tmp_path):
     shutil.rmtree(run / "weights")
     result = run_export(run)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"exported model-100 (28 tensors) to {run / 'weights'}"
+    assert result.stdout.strip() == f"exported model-100 as Q8_0 to {run / 'weights' / 'model.gguf'}"
     assert tree_digest(run / "weights") == before
 
 
@@ -328,7 +325,10 @@ def test_a_failed_export_keeps_the_previous_one(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("args,code,message", [
-    ([], 2, "usage: python -m finetune.export RUN_DIR   (e.g. checkpoint/run1)"),
+    ([], 2, "error: the following arguments are required: run_dir "
+            "(usage: python -m finetune.export RUN_DIR [--quant TYPE])"),
+    (["{tmp}", "--quant", "Q2"], 2, "error: argument --quant: invalid choice: 'Q2' (choose from 'F32', 'F16', "
+                                    "'Q8_0', 'Q5_K_M', 'Q4_K_M') (usage: python -m finetune.export RUN_DIR [--quant TYPE])"),
     (["{tmp}"], 1, "error: {tmp} has no 'checkpoint' file: not a gpt-2-simple run folder"),
     (["{tmp}/nothing"], 1, "error: run folder {tmp}/nothing does not exist"),
 ])

@@ -24,7 +24,7 @@ import numpy as np
 import psutil
 import pytest
 
-from app.engine import expected_shapes
+from finetune.gguf_export import variable_shapes, write_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 # The server process, with `import tensorflow` made to fail: it must never need it.
@@ -79,7 +79,8 @@ def running_server(model_dir, port, log_path, **env):
 
 def write_random_run(run_dir, tokenizer_from, n_layer=2, n_embd=768, n_head=12, seed=0):
     """A random-weights run folder in the export format (what the server reads: checkpoint name,
-    .index hash, weights/*.npy and manifest.json), with a trained run's tokenizer."""
+    .index hash, weights/model.gguf (Q8_0, as served by default) and manifest.json), with a trained
+    run's tokenizer."""
     run_dir.mkdir(parents=True)
     for name in ("encoder.json", "vocab.bpe"):
         shutil.copy(tokenizer_from / name, run_dir / name)
@@ -91,7 +92,7 @@ def write_random_run(run_dir, tokenizer_from, n_layer=2, n_embd=768, n_head=12, 
     (run_dir / "weights").mkdir()
     rng = np.random.default_rng(seed)
     values = {name: np.ones(shape, np.float32) if name.endswith("/g") else rng.normal(0, 0.02, shape).astype(np.float32)
-              for name, shape in expected_shapes(hparams).items()}
+              for name, shape in variable_shapes(hparams).items()}
     # Keep the end token improbable (logit about -25), so that generations run to their full length:
     # the final layer norm's bias points one way, the end token's embedding the other. (A prompt
     # without prefix starts from the end token at position 0: wpe[0] cancels its embedding there.)
@@ -101,11 +102,8 @@ def write_random_run(run_dir, tokenizer_from, n_layer=2, n_embd=768, n_head=12, 
     values["model/ln_f/b"] = direction
     values["model/wte"][end_token] = -direction
     values["model/wpe"][0] += direction
-    tensors = {}
-    for name, value in values.items():
-        np.save(run_dir / "weights" / (name.replace("/", ".") + ".npy"), value)
-        tensors[name] = {"shape": list(value.shape), "dtype": "float32"}
-    manifest = {"checkpoint": "model-1", "hparams": hparams, "tensors": tensors,
+    write_gguf(str(run_dir / "weights" / "model.gguf"), values, hparams, str(run_dir), "Q8_0")
+    manifest = {"checkpoint": "model-1", "hparams": hparams, "gguf": "model.gguf", "quant": "Q8_0",
                 "index_sha256": hashlib.sha256((run_dir / "model-1.index").read_bytes()).hexdigest()}
     (run_dir / "weights" / "manifest.json").write_text(json.dumps(manifest))
     return run_dir

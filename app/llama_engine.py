@@ -1,0 +1,120 @@
+"""GPT-2's forward pass in llama.cpp, in-process through llama-cpp-python's C bindings.
+
+Only token ids go in and logits come out: tokenizing, sampling and text stay in app/engine.py,
+so every API parameter means what it meant with gpt-2-simple. The GGUF file is memory-mapped
+(never rewritten in place: see finetune/export.py). Samples of one request are sequences 0..B-1
+of one key/value cache; the prompt is computed once, in sequence 0, and shared with the others.
+
+Threads: $THREADS, else the CPUs this process may use: its cgroup's CPU quota (Cloud Run's --cpu,
+docker's --cpus) where there is one. More threads than CPUs is costly here: ggml's threads wait for
+each other by spinning, so one that is not scheduled stalls every step.
+"""
+import ctypes
+import os
+
+import numpy as np
+
+import llama_cpp as L
+
+
+GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum ggml_log_level
+
+
+class LlamaError(Exception):
+    pass
+
+
+_errors = []  # llama.cpp's last error lines, to say why a load failed
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+def _log(level, text, user_data):
+    if level == GGML_LOG_LEVEL_ERROR:  # the rest (tensor lists, timings) is noise in a server log
+        _errors[:] = _errors[-4:] + [text.decode("utf-8", "replace").strip()]
+
+
+def cpu_quota():
+    """Whole CPUs of this process's cgroup (v2) quota, or None without one."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        return max(1, int(quota) // int(period))
+    except (OSError, ValueError):  # no cgroup v2 file, or "max": no quota
+        return None
+
+
+def default_threads():
+    value = os.environ.get("THREADS", "")
+    if not value:
+        cpus = len(os.sched_getaffinity(0))
+        return min(cpus, cpu_quota() or cpus)
+    if not (value.isascii() and value.isdigit() and 0 < int(value) <= 256):
+        raise LlamaError(f"THREADS must be a whole number from 1 to 256, got {value!r}")
+    return int(value)
+
+
+class LlamaModel:
+    """A GGUF model and a context for `n_seqs` sequences of up to `n_ctx` positions each."""
+
+    def __init__(self, path, n_ctx, n_seqs, threads=None):
+        threads = threads or default_threads()
+        L.llama_log_set(_log, None)
+        L.llama_backend_init()
+        self.model = self.ctx = None
+        _errors.clear()
+        self.model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+        if not self.model:
+            raise LlamaError(f"llama.cpp cannot load {path}: {' '.join(_errors) or 'unknown error'}")
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        params = L.llama_context_default_params()
+        # One cache for all sequences (kv_unified): the shared prompt is stored once. Its cells are
+        # B x n_ctx so that every sample may run to the end of the context.
+        params.n_ctx = n_ctx * n_seqs
+        params.n_batch = params.n_ubatch = n_ctx
+        params.n_seq_max = n_seqs
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise LlamaError(f"llama.cpp cannot make a context for {path}: {' '.join(_errors) or 'out of memory?'}")
+        self.memory = L.llama_get_memory(self.ctx)
+        self.batch = L.llama_batch_init(n_ctx, 0, 1)
+        self.threads = threads
+
+    def _decode(self, tokens, positions, seqs, outputs):
+        """Run the model on a batch; return the logits of the positions flagged in `outputs`."""
+        batch = self.batch
+        for i, (token, pos, seq, out) in enumerate(zip(tokens, positions, seqs, outputs)):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, out
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(tokens)
+        code = L.llama_decode(self.ctx, batch)
+        if code != 0:
+            raise LlamaError(f"llama_decode failed ({code}): {' '.join(_errors)}")
+        logits = L.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(logits, (sum(map(bool, outputs)), self.n_vocab)).copy()
+
+    def prompt(self, ids, all_logits=False):
+        """Start afresh with `ids` in sequence 0: the logits of its last position [1, V], or of
+        every position [T, V]."""
+        L.llama_memory_clear(self.memory, False)
+        n = len(ids)
+        return self._decode(ids, range(n), [0] * n, [all_logits] * (n - 1) + [True])
+
+    def fork(self, n_seqs):
+        """Sequences 1..n_seqs-1 continue from sequence 0's prompt (shared cache cells, no copy)."""
+        for seq in range(1, n_seqs):
+            L.llama_memory_seq_cp(self.memory, 0, seq, -1, -1)
+
+    def step(self, tokens, pos):
+        """Token i goes to sequence i at position `pos`: the next logits [B, V]."""
+        n = len(tokens)
+        return self._decode([int(t) for t in tokens], [pos] * n, range(n), [True] * n)
+
+    def __del__(self):
+        if getattr(self, "ctx", None):
+            L.llama_batch_free(self.batch)
+            L.llama_free(self.ctx)
+        if getattr(self, "model", None):
+            L.llama_model_free(self.model)
