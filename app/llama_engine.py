@@ -5,9 +5,9 @@ so every API parameter means what it meant with gpt-2-simple. The GGUF file is m
 (never rewritten in place: see finetune/export.py). Samples of one request are sequences 0..B-1
 of one key/value cache; the prompt is computed once, in sequence 0, and shared with the others.
 
-Threads: $THREADS, else the CPUs this process may use: its cgroup's CPU quota (Cloud Run's --cpu,
-docker's --cpus) where there is one. More threads than CPUs is costly here: ggml's threads wait for
-each other by spinning, so one that is not scheduled stalls every step.
+Threads: $THREADS (default 1, Cloud Run's --cpu=1). Set it to the CPUs that are the server's alone:
+ggml's threads wait for each other at every operation by spinning, so a thread that is not scheduled
+stalls every token (measured: 50-100 ms a token instead of 1-2 with 2 threads on a busy 2-core machine).
 """
 import ctypes
 import os
@@ -33,21 +33,8 @@ def _log(level, text, user_data):
         _errors[:] = _errors[-4:] + [text.decode("utf-8", "replace").strip()]
 
 
-def cpu_quota():
-    """Whole CPUs of this process's cgroup (v2) quota, or None without one."""
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()
-        return max(1, int(quota) // int(period))
-    except (OSError, ValueError):  # no cgroup v2 file, or "max": no quota
-        return None
-
-
 def default_threads():
-    value = os.environ.get("THREADS", "")
-    if not value:
-        cpus = len(os.sched_getaffinity(0))
-        return min(cpus, cpu_quota() or cpus)
+    value = os.environ.get("THREADS", "1")
     if not (value.isascii() and value.isdigit() and 0 < int(value) <= 256):
         raise LlamaError(f"THREADS must be a whole number from 1 to 256, got {value!r}")
     return int(value)

@@ -77,7 +77,7 @@ def running_server(model_dir, port, log_path, **env):
         stop_server(server)
 
 
-def write_random_run(run_dir, tokenizer_from, n_layer=2, n_embd=768, n_head=12, seed=0):
+def write_random_run(run_dir, tokenizer_from, n_layer=2, n_embd=768, n_head=12, seed=0, nan=False):
     """A random-weights run folder in the export format (what the server reads: checkpoint name,
     .index hash, weights/model.gguf (Q8_0, as served by default) and manifest.json), with a trained
     run's tokenizer."""
@@ -102,8 +102,11 @@ def write_random_run(run_dir, tokenizer_from, n_layer=2, n_embd=768, n_head=12, 
     values["model/ln_f/b"] = direction
     values["model/wte"][end_token] = -direction
     values["model/wpe"][0] += direction
-    write_gguf(str(run_dir / "weights" / "model.gguf"), values, hparams, str(run_dir), "Q8_0")
-    manifest = {"checkpoint": "model-1", "hparams": hparams, "gguf": "model.gguf", "quant": "Q8_0",
+    if nan:
+        values["model/h0/mlp/c_fc/b"][0] = np.nan
+    quant = "F32" if nan else "Q8_0"
+    write_gguf(str(run_dir / "weights" / "model.gguf"), values, hparams, str(run_dir), quant)
+    manifest = {"checkpoint": "model-1", "hparams": hparams, "gguf": "model.gguf", "quant": quant,
                 "index_sha256": hashlib.sha256((run_dir / "model-1.index").read_bytes()).hexdigest()}
     (run_dir / "weights" / "manifest.json").write_text(json.dumps(manifest))
     return run_dir
@@ -317,6 +320,7 @@ def test_uvicorn_entry_point_and_default_origins(tiny_run, free_port, tmp_path):
     ("no_export", "python -m finetune.export"),
     ("stale_export", "python -m finetune.export"),
     ("corrupt_weights", "python -m finetune.export"),
+    ("non_finite_weights", "not finite (NaN or infinity)"),
     ("corrupt_hparams", "hparams.json"),
     ("port_out_of_range", "PORT must be a number from 1 to 65535"),
     # issue 14, item 10: each of these was a traceback
@@ -332,7 +336,9 @@ def test_uvicorn_entry_point_and_default_origins(tiny_run, free_port, tmp_path):
 ])
 def test_refuses_to_start_without_a_good_model(tiny_run, tmp_path, free_port, damage, message):
     run_dir = tmp_path / "run1"
-    if damage != "no_folder":
+    if damage == "non_finite_weights":  # a diverged run, exported by something that did not check
+        write_random_run(run_dir, tiny_run, n_embd=64, n_head=2, nan=True)  # F32: llama.cpp won't quantize NaN
+    elif damage != "no_folder":
         shutil.copytree(tiny_run, run_dir)
     if damage == "no_export":
         shutil.rmtree(run_dir / "weights")
@@ -340,8 +346,8 @@ def test_refuses_to_start_without_a_good_model(tiny_run, tmp_path, free_port, da
         (run_dir / "checkpoint").write_text('model_checkpoint_path: "model-999"\n')
         shutil.copy(next(run_dir.glob("model-*.index")), run_dir / "model-999.index")
     elif damage == "corrupt_weights":
-        wte = run_dir / "weights" / "model.wte.npy"
-        wte.write_bytes(wte.read_bytes()[:1000])
+        gguf = run_dir / "weights" / "model.gguf"
+        gguf.write_bytes(gguf.read_bytes()[:1000])
     elif damage == "corrupt_hparams":
         (run_dir / "hparams.json").write_text("{not json")
     elif damage == "empty_npy":
