@@ -3,25 +3,50 @@
 #   docker build -t gpt2 .                       # with the run in checkpoint/run1
 #   docker run -p 8080:8080 --memory=2g --cpus=1 gpt2
 #
-# Two stages: `export` installs TensorFlow only to turn the checkpoint into .npy files
-# (python -m finetune.export), so a checkpoint straight from a notebook works with no extra step;
-# the runtime stage holds the serving requirements, app/ and the exported model, baked in because
-# Cloud Run has no local storage to fetch a model into. Layers go from least to most often changed:
-# a new checkpoint rebuilds only the model layers, never the packages.
+# Three stages: `wheels` makes the llama-cpp-python wheel (PyPI has none: it compiles llama.cpp, or
+# takes a fitting wheel from wheels/, where `make setup` keeps the one it built); `export` installs
+# TensorFlow only to turn the checkpoint into a GGUF file (python -m finetune.export), so a checkpoint
+# straight from a notebook works with no extra step; the runtime stage holds the serving
+# requirements (that wheel, no compiler), app/ and the exported model, baked in because Cloud Run
+# has no local storage to fetch a model into. Layers go from least to most often changed: a new
+# checkpoint rebuilds only the model layers, never the packages.
+#
+# llama.cpp's CPU build is portable, never -march=native (a builder with AVX-512 would make an image
+# that crashes on Cloud Run hosts without it): GGML_NATIVE=OFF for x86-64-v3 (AVX2, FMA, F16C, BMI2),
+# which every Cloud Run CPU has, compiled once. The reasons, and the flags: scripts/llama_wheel.sh.
 
-# ---- export: checkpoint -> weights/ (TensorFlow lives only in this stage)
+# ---- wheels: llama-cpp-python, compiled here only when wheels/ holds no fitting one
+FROM python:3.11-slim AS wheels
+WORKDIR /build
+COPY requirements.txt scripts/llama_wheel.sh ./
+COPY wheels/ wheels/
+# Debian's compilers of the base image's release: what the wheel is built with needs no version pin.
+# hadolint ignore=DL3008
+RUN if ! pip wheel -q --no-deps --no-index --find-links wheels -w wheels \
+          "llama-cpp-python==$(sed -n 's/^llama-cpp-python==//p' requirements.txt)"; then \
+        apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+        && rm -rf /var/lib/apt/lists/* && sh llama_wheel.sh wheels; \
+    fi \
+    && mkdir /wheels && cp wheels/llama_cpp_python-*.whl /wheels/
+
+# ---- export: checkpoint -> weights/model.gguf (TensorFlow lives only in this stage)
 FROM python:3.11-slim AS export
 WORKDIR /build
 COPY requirements.txt requirements-train.txt ./
-# Only TensorFlow and NumPy, at the versions pinned for training (nothing else of requirements-train.txt).
-RUN grep -hE '^(numpy|tensorflow-cpu)==' requirements.txt requirements-train.txt > export-requirements.txt \
-    && pip install --no-cache-dir -r export-requirements.txt
+# TensorFlow, gguf and the serving packages (llama.cpp quantizes), at their pinned versions; nothing
+# else of requirements-train.txt.
+RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
+    grep -hE '^(numpy|tensorflow-cpu|gguf|pyyaml|diskcache|jinja2|MarkupSafe|typing-extensions|llama-cpp-python)==' \
+        requirements.txt requirements-train.txt > export-requirements.txt \
+    && pip install --no-cache-dir --find-links /wheels --only-binary llama-cpp-python -r export-requirements.txt
 COPY finetune/ finetune/
 COPY checkpoint/run1/ checkpoint/run1/
 # Gather what the server reads: the export, the tokenizer files, hparams, and the `checkpoint` file with
 # the latest .index (small; the server checks the export against them to refuse a stale one). The big
 # model-N.data file stays behind in this stage. Readable by all: the export's folder is made private.
-RUN python -m finetune.export checkpoint/run1 \
+# The weight type: docker build --build-arg QUANT=Q4_K_M (F32, F16, Q8_0, Q5_K_M, Q4_K_M; README).
+ARG QUANT=Q8_0
+RUN python -m finetune.export checkpoint/run1 --quant "$QUANT" \
     && latest="$(python -c 'import json; print(json.load(open("checkpoint/run1/weights/manifest.json"))["checkpoint"])')" \
     && mkdir /model \
     && cp -r checkpoint/run1/weights checkpoint/run1/checkpoint checkpoint/run1/hparams.json \
@@ -38,10 +63,12 @@ WORKDIR /srv
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gpt2
 COPY requirements.txt ./
 # tokenizers goes in with --no-deps: its huggingface-hub dependency only serves from_pretrained,
-# and the app builds its tokenizer from the run's encoder.json and vocab.bpe.
-RUN grep -v '^tokenizers==' requirements.txt > /tmp/serving.txt \
+# and the app builds its tokenizer from the run's encoder.json and vocab.bpe. llama-cpp-python only
+# from the wheel built above (mounted, so it leaves no layer behind).
+RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
+    grep -v '^tokenizers==' requirements.txt > /tmp/serving.txt \
     && grep '^tokenizers==' requirements.txt > /tmp/tokenizers.txt \
-    && pip install --no-cache-dir -r /tmp/serving.txt \
+    && pip install --no-cache-dir --find-links /wheels --only-binary llama-cpp-python -r /tmp/serving.txt \
     && pip install --no-cache-dir --no-deps -r /tmp/tokenizers.txt \
     && rm /tmp/serving.txt /tmp/tokenizers.txt
 # The model before the code: editing app/ then does not re-push the weights layer.

@@ -144,12 +144,15 @@ def checkout_files():
 
 @pytest.fixture(scope="module")
 def context(tmp_path_factory, tiny_run):
-    """A build context as a user's checkout would be: the project, a run in checkpoint/run1 (with a
-    local export in weights/), and the decoys."""
+    """A build context as a user's checkout would be: the project, the llama-cpp-python wheel that
+    `make setup` built (so the image build does not compile it again), a run in checkpoint/run1 (with
+    a local export in weights/), and the decoys."""
     ctx = tmp_path_factory.mktemp("context")
     for rel in checkout_files():
         (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, ctx / rel)
+    for wheel in (ROOT / "wheels").glob("*.whl"):
+        shutil.copy2(wheel, ctx / "wheels" / wheel.name)
     shutil.copytree(tiny_run, ctx / "checkpoint" / "run1")
     for rel, text in DECOYS.items():
         (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -351,7 +354,8 @@ def test_dockerignore_keeps_the_context_small(podman, base_image, context, tmp_p
     assert {"requirements.txt", "requirements-train.txt", "app/main.py", "finetune/export.py",
             "checkpoint/run1/checkpoint", "checkpoint/run1/hparams.json"} <= sent
     assert {p.split("/")[0] for p in sent} == {"requirements.txt", "requirements-train.txt", "app", "finetune",
-                                               "checkpoint"}
+                                               "checkpoint", "scripts", "wheels"}
+    assert [p for p in sent if p.startswith("scripts/")] == ["scripts/llama_wheel.sh"]
 
 
 def test_new_checkpoint_keeps_the_package_layers(podman, image, context, tmp_path):
