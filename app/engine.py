@@ -224,7 +224,7 @@ class Generation:
         B, T = len(samples), len(self.prompt)
         with model.lock:
             started = time.perf_counter()
-            logits = model.llama.prompt(self.prompt)
+            logits = model.llama.prompt(self.prompt, room=B * self.length)
             if B > 1:  # same prompt for every sample: computed once, shared
                 model.llama.fork(B)
                 logits = np.repeat(logits, B, axis=0)

@@ -2,8 +2,8 @@
 
 Generating one token reads every weight once (the blocks, and all of wte for the logits; of wpe
 only one row), so tokens/s can not exceed bandwidth / bytes of weights read per token. The key/value
-cache adds 2 * n_layer * position * n_embd * 4 bytes per token, left out here (7% at position 500
-for the 124M shape), which makes the ceiling slightly generous.
+cache adds 2 * n_layer * position * n_embd * 2 bytes per token (float16), left out here (14% at position 500
+for the 124M shape at Q8_0), which makes the ceiling generous.
 """
 import json
 import sys
@@ -41,13 +41,15 @@ def main():
     print(json.dumps(read_bandwidth(int(sys.argv[1]))))
 
 
-def weight_bytes_per_token(manifest):
-    """Bytes of weights one decoding step reads, from an export's manifest.json."""
+def weight_bytes_per_token(gguf_path):
+    """Bytes of weights one decoding step reads, from the exported GGUF file's tensors."""
+    import gguf
+
     total = 0
-    for name, info in manifest["tensors"].items():
-        size = 4 * int(np.prod(info["shape"]))
-        if name.endswith("/wpe"):
-            size //= info["shape"][0]  # one position row
+    for tensor in gguf.GGUFReader(gguf_path).tensors:
+        size = int(tensor.n_bytes)
+        if tensor.name == "position_embd.weight":
+            size //= int(tensor.shape[-1])  # one position row (ggml lists the row length first)
         total += size
     return total
 

@@ -8,7 +8,7 @@ so the model is gpt-2-simple's own graph (gpt_2_simple.src.model) with its rando
 saved with tf.compat.v1.train.Saver like a fine-tuning run. The tokenizer is a real GPT-2-format
 byte-level BPE (encoder.json + vocab.bpe, `<|endoftext|>` as the last id) trained with `tokenizers`
 on a generated corpus rich enough to reach exactly n_vocab entries. The folder is then exported with
-`python -m finetune.export`, as the server needs. A finished folder is reused when its spec matches.
+`python -m finetune.export` (GGUF, Q8_0), as the server needs. A finished folder is reused when its spec matches.
 """
 import argparse
 import json
@@ -110,7 +110,7 @@ def write_checkpoint(run_dir, hparams, seed):
 def build(out_dir, hparams=SHAPE_124M, seed=0):
     """Build (or reuse) the run folder at out_dir; returns its Path."""
     out_dir = Path(out_dir)
-    spec = {"hparams": hparams, "seed": seed, "version": 2}
+    spec = {"hparams": hparams, "seed": seed, "version": 3}  # 3: exported as GGUF
     spec_path = out_dir / SPEC_FILE
     if spec_path.exists() and json.loads(spec_path.read_text()) == spec:
         return out_dir

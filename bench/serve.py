@@ -1,13 +1,14 @@
-"""Cold start, speed and memory of our server against gpt-2-simple, side by side on this machine.
+"""Cold start, speed and memory of our server against gpt-2-simple and llama.cpp alone, on this machine.
 
-    python bench/serve.py            # GPT-2 124M shape (random weights), ~15 minutes
-    python bench/serve.py --quick    # a small model and few requests, ~1-2 minutes
+    python bench/serve.py            # GPT-2 124M shape (random weights), then 355M and 774M; ~40 minutes
+    python bench/serve.py --quick    # a small model and few requests, ~2 minutes
 
 Contenders, each in its own processes: gpt-2-simple's load_gpt2 + a fresh generate() per request,
-as gpt-2-cloud-run serves it (bench/baseline.py), and our server started as `python -m app`,
-driven over HTTP. Thread count is pinned through the environment (OMP/OpenBLAS/MKL/TF) and, for
-gpt-2-simple, start_tf_sess(threads=N). Writes serve.md (the table), serve.png (the chart) and
-serve.json (every raw figure) to --out.
+as gpt-2-cloud-run serves it (bench/baseline.py); our server started as `python -m app`, driven
+over HTTP, at each --quant of the same checkpoint; and llama.cpp's engine alone on the same GGUF
+file through llama-cpp-python's Llama class (bench/llama_alone.py). Thread count is pinned through
+the environment (THREADS, OMP/OpenBLAS/MKL/TF) and, for gpt-2-simple, start_tf_sess(threads=N).
+Writes serve.md (the tables), serve.png (the chart) and serve.json (every raw figure) to --out.
 """
 import argparse
 import datetime
@@ -53,7 +54,7 @@ def settings_for(quick):
 
 
 def thread_env(threads):
-    names = ["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+    names = ["THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
              "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "RAYON_NUM_THREADS"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **{name: str(threads) for name in names})
     env.pop("PYTHONPATH", None)
@@ -63,6 +64,10 @@ def thread_env(threads):
 # ----------------------------------------------------------------------------- models
 
 SMALL_SHAPE = {"n_vocab": 1000, "n_ctx": 1024, "n_embd": 64, "n_head": 2, "n_layer": 2}
+QUANTS = ["Q8_0", "F16", "Q5_K_M", "Q4_K_M"]  # the default first
+BIG_SHAPES = {"355M": {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 1024, "n_head": 16, "n_layer": 24},
+              "774M": {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 1280, "n_head": 20, "n_layer": 36}}
+BIG_SHAPE_QUANTS = ["Q8_0", "Q4_K_M"]
 
 
 def build_models(args, models_dir, logs):
@@ -70,20 +75,50 @@ def build_models(args, models_dir, logs):
     which random weights do (the end marker is 1 of n_vocab tokens): the GPT-2 124M shape, or
     with --quick a small one. Early stop needs a model that learned to end its texts."""
     shape, name = (SMALL_SHAPE, "small-random") if args.quick else (make_model.SHAPE_124M, "gpt2-124M-random")
-    speed = models_dir / name
-    cmd = [sys.executable, str(ROOT / "bench" / "make_model.py"), str(speed)]
-    for key, value in shape.items():
-        cmd += ["--" + key.replace("_", "-"), str(value)]
-    run(cmd, f"building the {name} model (bench/make_model.py)", logs / "make_model.log")
+    speed = build_random(models_dir, name, shape, logs)
     early = Path(args.tiny_model).resolve() if args.tiny_model else build_tiny_trained(models_dir)
     return speed, early
+
+
+def build_random(models_dir, name, shape, logs):
+    path = models_dir / name
+    cmd = [sys.executable, str(ROOT / "bench" / "make_model.py"), str(path)]
+    for key, value in shape.items():
+        cmd += ["--" + key.replace("_", "-"), str(value)]
+    run(cmd, f"building the {name} model (bench/make_model.py)", logs / f"make_model-{name}.log")
+    return path
+
+
+def quant_variant(model, quant, logs):
+    """The run folder exported at `quant`: the model itself at its own quant, else a sibling folder
+    sharing its checkpoint files (symbolic links) with its own weights/. Cached."""
+    def quant_of(run_dir):
+        manifest = run_dir / "weights" / "manifest.json"
+        return manifest.exists() and json.loads(manifest.read_text()).get("quant")
+
+    if quant_of(model) == quant:
+        return model
+    variant = model.parent / f"{model.name}-{quant}"
+    spec = json.loads((model / make_model.SPEC_FILE).read_text()) if (model / make_model.SPEC_FILE).exists() else None
+    if quant_of(variant) == quant and (variant / "spec.json").exists() and \
+            json.loads((variant / "spec.json").read_text()) == spec:
+        return variant
+    shutil.rmtree(variant, ignore_errors=True)
+    variant.mkdir(parents=True)
+    for path in model.iterdir():
+        if path.name not in ("weights", make_model.SPEC_FILE) and not path.name.startswith("."):
+            (variant / path.name).symlink_to(path.resolve())
+    run([sys.executable, "-m", "finetune.export", str(variant), "--quant", quant],
+        f"exporting {model.name} as {quant}", logs / f"export-{model.name}-{quant}.log")
+    (variant / "spec.json").write_text(json.dumps(spec))
+    return variant
 
 
 def build_tiny_trained(models_dir):
     """A small from-scratch model fine-tuned on short `<|startoftext|>...<|endoftext|>` texts with the
     product's own CLI (python -m finetune), so it learns to end its answers. Cached."""
     run_dir = models_dir / "tiny-trained"
-    if (run_dir / "weights" / "manifest.json").exists():
+    if (run_dir / "weights" / "model.gguf").exists():
         return run_dir
     models_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -316,15 +351,87 @@ def bench_ours(model, early_model, s, logs, progress):
     return result
 
 
+# ----------------------------------------------------------------------------- llama.cpp alone, quants, shapes
+
+def run_llama_alone(model_dir, plan, log_path):
+    """bench/llama_alone.py on the run's GGUF file; returns (spawn time, its JSON events)."""
+    gguf = model_dir / "weights" / json.loads((model_dir / "weights" / "manifest.json").read_text())["gguf"]
+    spawned = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "llama_alone.py"), str(gguf), json.dumps(plan)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=log, env=thread_env(plan["threads"]), text=True)
+    if proc.returncode:
+        raise BenchError(f"llama.cpp alone failed (exit {proc.returncode}); see {log_path}")
+    return spawned, [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def serve_figures(model_dir, threads, length, repeats, log_path):
+    """Our server on model_dir: cold start, `repeats` answers of `length` tokens, peak RSS."""
+    server = Server(model_dir, threads, log_path)
+    try:
+        cold, _, _ = server.first_answer({"prefix": PROMPT, "length": 20, "seed": 0})
+        warm = [full_length(server, length, seed) for seed in range(1, repeats + 1)]
+        return {"cold_start_s": cold, "warm": warm, "peak_mb": server.memory()["peak"]}
+    finally:
+        server.stop()
+
+
+def llama_figures(model_dir, threads, length, repeats, log_path):
+    plan = {"threads": threads, "prefix": PROMPT, "first_length": 20,
+            "warm": [[length, seed] for seed in range(1, repeats + 1)]}
+    spawned, events = run_llama_alone(model_dir, plan, log_path)
+    by = lambda name: [e for e in events if e["event"] == name]  # noqa: E731
+    return {"cold_start_s": by("first_answer")[0]["t"] - spawned,
+            "warm": [{"seconds": e["seconds"], "tokens": e["tokens"]} for e in by("warm")],
+            "peak_mb": by("done")[0]["memory"]["peak"]}
+
+
+def bench_engines(model, s, logs, progress):
+    """Every quant of the speed model: our server and llama.cpp alone, 1 and 2 threads, 100 tokens."""
+    result = {}
+    for quant in QUANTS:
+        variant = quant_variant(model, quant, logs)
+        entry = result[quant] = {"gguf_mb": os.path.getsize(variant / "weights" / "model.gguf") / 1e6}
+        for threads in (1, 2):
+            progress.set_description(f"{quant}, {threads} thread(s): our server, llama.cpp alone")
+            entry[str(threads)] = {
+                "server": serve_figures(variant, threads, 100, s["repeats"], logs / f"ours-{quant}-{threads}.log"),
+                "llama": llama_figures(variant, threads, 100, s["repeats"], logs / f"llama-{quant}-{threads}.log")}
+        progress.update()
+    return result
+
+
+def bench_shapes(models_dir, names, s, logs, progress):
+    """The bigger GPT-2 shapes at Q8_0 and Q4_K_M: our server, 1 thread, 100 tokens, peak RSS."""
+    result = {}
+    for name in names:
+        progress.set_description(f"building the {name} shape")
+        model = build_random(models_dir, f"gpt2-{name}-random", BIG_SHAPES[name], logs)
+        result[name] = {"hparams": BIG_SHAPES[name]}
+        for quant in BIG_SHAPE_QUANTS:
+            variant = quant_variant(model, quant, logs)
+            progress.set_description(f"{name} {quant}: our server")
+            result[name][quant] = serve_figures(variant, 1, 100, s["repeats"], logs / f"ours-{name}-{quant}.log")
+            result[name][quant]["gguf_mb"] = os.path.getsize(variant / "weights" / "model.gguf") / 1e6
+        progress.update()
+    return result
+
+
 # ----------------------------------------------------------------------------- main
 
 def machine():
     model_name = next((line.split(":", 1)[1].strip() for line in subprocess.run(
         ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
     versions = {name: metadata.version(name) for name in
-                ["numpy", "tensorflow-cpu", "gpt-2-simple", "tokenizers", "starlette", "uvicorn"]}
+                ["numpy", "tensorflow-cpu", "gpt-2-simple", "llama-cpp-python", "tokenizers", "starlette", "uvicorn"]}
     return {"cpu": model_name, "cores": os.cpu_count(), "python": platform.python_version(),
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1), **versions}
+
+
+def image_mb():
+    """The serving image's size as tests/test_container.py last measured it (None if never run here)."""
+    path = ROOT / "tests" / "out" / "container" / "report.json"
+    return json.loads(path.read_text()).get("image_mb") if path.exists() else None
 
 
 def write_outputs(out, results):
@@ -347,7 +454,12 @@ def main():
     p.add_argument("--models", help="where built models are cached (default bench/out/models)")
     p.add_argument("--tiny-model", help="an exported small trained run folder (it must end its texts) for "
                    "the early-stop figure, instead of training one")
+    p.add_argument("--shapes", default=None, help="bigger GPT-2 shapes to measure, comma-separated: 355M,774M "
+                   "(the default; none with --quick); '' for none")
     args = p.parse_args()
+    shapes = [n for n in (args.shapes if args.shapes is not None else "" if args.quick else "355M,774M").split(",") if n]
+    if set(shapes) - set(BIG_SHAPES):
+        sys.exit(f"bench/serve.py: --shapes takes {', '.join(BIG_SHAPES)}, got {args.shapes!r}")
     out = Path(args.out or ROOT / "bench" / "out" / ("quick" if args.quick else "")).resolve()
     if args.tiny_model and not (Path(args.tiny_model) / "weights" / "manifest.json").exists():
         sys.exit(f"bench/serve.py: --tiny-model {args.tiny_model} has no weights/manifest.json "
@@ -359,16 +471,17 @@ def main():
     logs = out / "logs"
     started = time.time()
     try:
-        with tqdm(total=10, desc="models", disable=None) as progress:
+        with tqdm(total=10 + len(QUANTS) + len(shapes), desc="models", disable=None) as progress:
             models_dir = Path(args.models or ROOT / "bench" / "out" / "models").resolve()
             model, early_model = build_models(args, models_dir, logs)
             progress.update()
             progress.set_description("memory bandwidth")
-            manifest = json.loads((model / "weights" / "manifest.json").read_text())
             bw = {str(t): measure_bandwidth(t) for t in (1, 2)}
             progress.update()
             baseline = bench_baseline(model, early_model, s, logs, progress)
             ours = bench_ours(model, early_model, s, logs, progress)
+            engines = bench_engines(model, s, logs, progress)
+            big = bench_shapes(models_dir, shapes, s, logs, progress)
     except BenchError as e:
         sys.exit(f"bench/serve.py: {e}")
     except KeyboardInterrupt:  # the finally blocks above have stopped every process it started
@@ -376,13 +489,16 @@ def main():
     results = {
         "date": datetime.date.today().isoformat(), "mode": "quick" if args.quick else "full",
         "machine": machine(), "settings": s, "prompt": PROMPT, "wall_seconds": round(time.time() - started, 1),
-        "model": {"run_dir": str(model), "hparams": manifest["hparams"],
-                  "weights": "random weights",
-                  "weight_bytes_per_token": bandwidth.weight_bytes_per_token(manifest)},
+        "model": {"run_dir": str(model), "hparams": json.loads((model / "hparams.json").read_text()),
+                  "weights": "random weights, Q8_0",
+                  "weight_bytes_per_token": bandwidth.weight_bytes_per_token(model / "weights" / "model.gguf")},
         "early_stop_model": {"run_dir": str(early_model),
                              "hparams": json.loads((early_model / "hparams.json").read_text())},
         "bandwidth_bytes_per_s": bw,  # per thread count: {"numpy_sum": .., "blas_gemv": ..}
         "contenders": {"baseline": baseline, "ours": ours},
+        "engines": engines,  # per quant, per thread count: our server and llama.cpp alone
+        "shapes": big,
+        "image_mb": image_mb(),
     }
     results["summary"] = report.summarize(results)
     print(write_outputs(out, results))
