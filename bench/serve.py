@@ -454,6 +454,7 @@ def main():
     p.add_argument("--models", help="where built models are cached (default bench/out/models)")
     p.add_argument("--tiny-model", help="an exported small trained run folder (it must end its texts) for "
                    "the early-stop figure, instead of training one")
+    p.add_argument("--repeats", type=int, help="runs per figure (default 3, 2 with --quick); fewer when time is short")
     p.add_argument("--shapes", default=None, help="bigger GPT-2 shapes to measure, comma-separated: 355M,774M "
                    "(the default; none with --quick); '' for none")
     args = p.parse_args()
@@ -467,6 +468,10 @@ def main():
     if out.exists() and not out.is_dir():
         sys.exit(f"bench/serve.py: --out {out} is a file, not a folder")
     s = settings_for(args.quick)
+    if args.repeats:
+        if args.repeats < 1:
+            sys.exit("bench/serve.py: --repeats must be at least 1")
+        s.update(repeats=args.repeats, cold_repeats=min(s["cold_repeats"], args.repeats))
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     started = time.time()

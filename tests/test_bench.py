@@ -1,5 +1,6 @@
-"""bench/serve.py --quick end to end: both contenders really run (gpt-2-simple in TensorFlow, our
-server over HTTP) on a small random model (speed, memory) and the small trained one (early stop), and the table, chart and raw figures come out sane.
+"""bench/serve.py --quick end to end: every contender really runs (gpt-2-simple in TensorFlow, our
+server over HTTP at each quant, llama.cpp alone) on a small random model (speed, memory) and the small
+trained one (early stop), and the table, chart and raw figures come out sane.
 No timing thresholds: the machine is shared; only that every figure exists and is consistent."""
 import json
 import subprocess
@@ -73,8 +74,25 @@ def test_early_stop_and_ceiling(quick):
     summary = results["summary"]
     assert all(rate > 1e8 for bw in results["bandwidth_bytes_per_s"].values() for rate in bw.values())
     assert all(c > 0 for c in summary["ceiling_tokens_per_s"].values())
-    assert set(summary["targets"]) == {"tokens_per_s_1_thread_100", "speedup_1_thread_100", "cold_start_s",
+    assert set(summary["targets"]) == {"speedup_numpy_1_thread_100", "vs_llama_q8_1_thread_100", "cold_start_s",
                                        "peak_rss_mb", "growth_mb_200_requests"}
+
+
+def test_every_quant_against_llama_alone_and_cost(quick):
+    out, _, results = quick
+    engines = results["summary"]["engines"]
+    assert list(engines) == ["Q8_0", "F16", "Q5_K_M", "Q4_K_M"]
+    for quant, e in engines.items():
+        for threads in ("1", "2"):
+            for kind in ("server", "llama"):
+                assert e[threads][kind]["tokens_per_s"] > 0 and e[threads][kind]["peak_mb"] > 10, (quant, kind)
+            runs = results["engines"][quant][threads]["llama"]["warm"]
+            assert [r["tokens"] for r in runs] == [100] * results["settings"]["repeats"]
+    costs = results["summary"]["cost"]
+    assert [c["name"] for c in costs][:2] == ["gpt-2-simple, 124M", "our server, 124M Q8_0"]
+    assert all(c["dollars"] > 0 and c["memory_gib"] >= 0.5 for c in costs)
+    table = (out / "serve.md").read_text()
+    assert "llama.cpp alone" in table and "$ per 1,000" in table
 
 
 def test_bad_option_is_one_line_error(tmp_path):
