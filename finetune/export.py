@@ -8,7 +8,8 @@ mapped is ever rewritten (the old folder is renamed aside, then deleted). The ma
 checkpoint and the sha256 of its .index file: the server compares them with the `checkpoint` file
 to refuse a stale export. Weights that are not finite (a diverged run) are refused.
 
-Imports numpy, tensorflow, gguf and llama_cpp (quantizing) only: the Docker build stage runs it alone.
+Imports numpy, tensorflow and gguf only (plus llama_cpp for the K-quants): the Docker build stage
+and the training image run it alone.
 """
 import argparse
 import hashlib
@@ -94,8 +95,13 @@ def export(run_dir, quant=DEFAULT_QUANT):
                 raise ExportError(f"{var} in {prefix} holds NaN or infinite values: the training diverged; "
                                   "train again with a lower --learning-rate or from an earlier checkpoint")
             tensors[var] = value
-        write_gguf(os.path.join(tmp_dir, GGUF_NAME), tensors, hparams, run_dir, quant,
-                   name=os.path.basename(run_dir))
+        try:
+            write_gguf(os.path.join(tmp_dir, GGUF_NAME), tensors, hparams, run_dir, quant,
+                       name=os.path.basename(run_dir))
+        except ImportError as e:  # gguf (every type), llama-cpp-python (K-quants)
+            package, pinned = {"llama_cpp": ("llama-cpp-python", "requirements.txt")}.get(
+                e.name, (e.name, "requirements-train.txt"))
+            raise ExportError(f"--quant {quant} needs the {package} package (pinned in {pinned})") from None
         manifest = {
             "checkpoint": name,
             "index_sha256": sha256_of(index_path),

@@ -1,9 +1,9 @@
 """A gpt-2-simple checkpoint's tensors as one GGUF file for llama.cpp (architecture "gpt2").
 
-F32 and F16 are written by the `gguf` package straight from the tensors; every other type is made
-from that F32 file by llama.cpp's own quantizer (llama_model_quantize, what `llama-quantize` runs),
-which the `gguf` package cannot do for K-quants and which picks llama.cpp's per-tensor mix
-(e.g. Q6_K for some tensors of Q4_K_M).
+F32, F16 and Q8_0 are written by the `gguf` package straight from the tensors (NumPy only: the
+training image exports without llama.cpp). The K-quants, which the `gguf` package cannot make, come
+from that F32 file through llama.cpp's own quantizer (llama_model_quantize, what `llama-quantize`
+runs), which also picks llama.cpp's per-tensor mix (e.g. Q6_K for some tensors of Q4_K_M).
 
 The vocabulary is the run's own (encoder.json + vocab.bpe) with GPT-2's pre-tokenizer declared;
 the server tokenizes itself and hands llama.cpp token ids, but llama.cpp checks the vocabulary
@@ -19,6 +19,7 @@ END_OF_TEXT = "<|endoftext|>"
 # --quant name -> llama.cpp file type (gguf.LlamaFileType values)
 QUANTS = {"F32": 0, "F16": 1, "Q8_0": 7, "Q5_K_M": 17, "Q4_K_M": 15}
 DEFAULT_QUANT = "Q8_0"
+WRITTEN_DIRECTLY = ("F32", "F16", "Q8_0")
 
 # gpt-2-simple's per-layer variables -> llama.cpp's GPT-2 tensor names.
 LAYER_NAMES = {
@@ -89,7 +90,7 @@ def write_gguf(path, tensors, hparams, run_dir, quant=DEFAULT_QUANT, name="gpt2"
     """Write the GGUF file `path` (a new file: callers write into a fresh folder, then rename it)."""
     if quant not in QUANTS:
         raise ValueError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
-    if quant in ("F32", "F16"):
+    if quant in WRITTEN_DIRECTLY:
         _write(path, tensors, hparams, run_dir, quant, name)
         return
     f32 = path + ".f32"
@@ -123,8 +124,15 @@ def _write(path, tensors, hparams, run_dir, quant, name):
     writer.add_bos_token_id(end)
     writer.add_eos_token_id(end)
     for key, value in gguf_tensors(tensors, hparams).items():
-        # F16 keeps 1-D tensors (norms, biases) in F32, as llama.cpp's converters do.
-        writer.add_tensor(key, value.astype(np.float16) if quant == "F16" and value.ndim == 2 else value)
+        # 1-D tensors (norms, biases) stay F32, as in llama.cpp's own files; Q8_0 needs rows of
+        # whole 32-value blocks (a row that is not stays F16).
+        if quant == "Q8_0" and value.ndim == 2 and value.shape[1] % 32 == 0:
+            writer.add_tensor(key, gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        elif quant != "F32" and value.ndim == 2:
+            writer.add_tensor(key, value.astype(np.float16))
+        else:
+            writer.add_tensor(key, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

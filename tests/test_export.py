@@ -60,6 +60,18 @@ def test_every_quant_is_served(run, quant):
     assert answer["stop_reason"] == "end_token" and answer["text"].endswith("."), (quant, answer)
 
 
+def test_q8_0_needs_no_llama_cpp(run):
+    """The training image has gguf but not llama.cpp: the default export works there, a K-quant says why not."""
+    block = "import sys, runpy; sys.modules['llama_cpp'] = None; runpy.run_module('finetune.export', run_name='__main__')"
+    command = [sys.executable, "-c", block, str(run)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    result = subprocess.run(command + ["--quant", "Q4_K_M"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["error: --quant Q4_K_M needs the llama-cpp-python package "
+                                          "(pinned in requirements.txt)"]
+
+
 def test_export_writes_new_files_and_renames_them(run):
     """A server maps model.gguf: an export must never rewrite that file, only put a new one in its place."""
     assert export(run).returncode == 0
