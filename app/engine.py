@@ -4,6 +4,7 @@ on llama.cpp's logits. No TensorFlow here.
 """
 import hashlib
 import json
+import os
 import re
 import threading
 import time
@@ -23,6 +24,14 @@ class ModelError(Exception):
 
 
 # ---------------------------------------------------------------- loading
+
+
+def threads():
+    """llama.cpp's threads: $THREADS, default 1 (Cloud Run's --cpu=1); see app/llama_engine.py."""
+    value = os.environ.get("THREADS", "1")
+    if not (value.isascii() and value.isdigit() and 0 < int(value) <= 256):
+        raise ModelError(f"THREADS must be a whole number from 1 to 256, got {value!r}")
+    return int(value)
 
 
 def latest_checkpoint(run_dir):
@@ -103,7 +112,7 @@ class GPT2:
         self.manifest = check_export(run_dir, hp)
         fix = f"run `{EXPORT_COMMAND.format(run_dir)}`"
         try:
-            self.llama = LlamaModel(run_dir / "weights" / self.manifest["gguf"], self.n_ctx, MAX_NSAMPLES)
+            self.llama = LlamaModel(run_dir / "weights" / self.manifest["gguf"], self.n_ctx, MAX_NSAMPLES, threads())
         except LlamaError as e:
             raise ModelError(f"{e}: {fix}") from None
         if self.llama.n_vocab != self.n_vocab:
@@ -142,9 +151,10 @@ def filter_logits(logits, temperature, top_k, top_p):
 
 
 def sample(logits, rng):
-    """One token per row from softmax(logits)."""
-    probs = softmax(logits.astype(np.float64))
-    cdf = np.cumsum(probs, axis=-1)
+    """One token per row from softmax(logits): where a uniform draw falls on its cumulative sum
+    (left unnormalised: the draw is scaled instead, a pass over the vocabulary less per token)."""
+    logits = logits.astype(np.float64)
+    cdf = np.cumsum(np.exp(logits - logits.max(axis=-1, keepdims=True)), axis=-1)
     u = rng.random(len(cdf)) * cdf[:, -1]
     return np.array([min(np.searchsorted(c, x, side="right"), len(c) - 1) for c, x in zip(cdf, u)])
 

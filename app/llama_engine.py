@@ -8,12 +8,11 @@ The cache is sized for each request (prompt + samples x length, in steps of 256 
 made anew when that size changes: ~10 ms, where a cache for the largest request (4 x n_ctx) would
 keep ~150 MB resident at the 124M shape for requests that mostly need a few MB.
 
-Threads: $THREADS (default 1, Cloud Run's --cpu=1). Set it to the CPUs that are the server's alone:
-ggml's threads wait for each other at every operation by spinning, so a thread that is not scheduled
-stalls every token (measured: 50-100 ms a token instead of 1-2 with 2 threads on a busy 2-core machine).
+Threads: give it only CPUs that are the server's alone: ggml's threads wait for each other at every
+operation by spinning, so a thread that is not scheduled stalls every token (measured: 50-100 ms a
+token instead of 1-2 with 2 threads on a busy 2-core machine).
 """
 import ctypes
-import os
 
 import numpy as np
 
@@ -36,19 +35,11 @@ def _log(level, text, user_data):
         _errors[:] = _errors[-4:] + [text.decode("utf-8", "replace").strip()]
 
 
-def default_threads():
-    value = os.environ.get("THREADS", "1")
-    if not (value.isascii() and value.isdigit() and 0 < int(value) <= 256):
-        raise LlamaError(f"THREADS must be a whole number from 1 to 256, got {value!r}")
-    return int(value)
-
-
 class LlamaModel:
     """A GGUF model, and a context for up to `n_seqs` sequences of up to `n_ctx` positions each."""
 
-    def __init__(self, path, n_ctx, n_seqs, threads=None):
-        self.n_ctx, self.n_seqs = n_ctx, n_seqs
-        self.threads = threads or default_threads()
+    def __init__(self, path, n_ctx, n_seqs, threads):
+        self.n_ctx, self.n_seqs, self.threads = n_ctx, n_seqs, threads
         L.llama_log_set(_log, None)
         L.llama_backend_init()
         self.model = self.ctx = None

@@ -324,7 +324,7 @@ def test_uvicorn_entry_point_and_default_origins(tiny_run, free_port, tmp_path):
     ("corrupt_hparams", "hparams.json"),
     ("port_out_of_range", "PORT must be a number from 1 to 65535"),
     # issue 14, item 10: each of these was a traceback
-    ("empty_npy", "model.ln_f.b.npy is missing or unreadable"),
+    ("empty_gguf", "llama.cpp cannot load"),
     ("n_ctx_infinity", "n_ctx is inf, not an integer"),
     ("n_ctx_1e999", "n_ctx is inf, not an integer"),
     ("n_layer_fraction", "n_layer is 2.5, not an integer"),
@@ -333,6 +333,7 @@ def test_uvicorn_entry_point_and_default_origins(tiny_run, free_port, tmp_path):
     ("port_superscript", "PORT must be a number from 1 to 65535, got '²'"),
     ("queue_size_superscript", "QUEUE_SIZE must be a whole number, got '²'"),
     ("queue_size_arabic_digits", "QUEUE_SIZE must be a whole number, got '١٢'"),
+    ("bad_threads", "THREADS must be a whole number from 1 to 256, got '²'"),
 ])
 def test_refuses_to_start_without_a_good_model(tiny_run, tmp_path, free_port, damage, message):
     run_dir = tmp_path / "run1"
@@ -350,8 +351,8 @@ def test_refuses_to_start_without_a_good_model(tiny_run, tmp_path, free_port, da
         gguf.write_bytes(gguf.read_bytes()[:1000])
     elif damage == "corrupt_hparams":
         (run_dir / "hparams.json").write_text("{not json")
-    elif damage == "empty_npy":
-        (run_dir / "weights" / "model.ln_f.b.npy").write_bytes(b"")
+    elif damage == "empty_gguf":
+        (run_dir / "weights" / "model.gguf").write_bytes(b"")
     elif damage.startswith(("n_ctx", "n_layer")):
         name, value = {"n_ctx_infinity": ("n_ctx", "Infinity"), "n_ctx_1e999": ("n_ctx", "1e999"),
                        "n_layer_fraction": ("n_layer", "2.5")}[damage]
@@ -367,7 +368,7 @@ def test_refuses_to_start_without_a_good_model(tiny_run, tmp_path, free_port, da
     env = {**os.environ, "MODEL_DIR": str(run_dir), "PORT": str(port), "HOST": "127.0.0.1"}
     env.update({"port_out_of_range": {"PORT": "99999"}, "port_superscript": {"PORT": "²"},
                 "queue_size_superscript": {"QUEUE_SIZE": "²"},
-                "queue_size_arabic_digits": {"QUEUE_SIZE": "١٢"}}.get(damage, {}))
+                "queue_size_arabic_digits": {"QUEUE_SIZE": "١٢"}, "bad_threads": {"THREADS": "²"}}.get(damage, {}))
     result = subprocess.run([sys.executable, "-c", BLOCK_TF_AND_RUN], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 1
