@@ -102,6 +102,8 @@ def export(run_dir, quant=DEFAULT_QUANT):
             package, pinned = {"llama_cpp": ("llama-cpp-python", "requirements.txt")}.get(
                 e.name, (e.name, "requirements-train.txt"))
             raise ExportError(f"--quant {quant} needs the {package} package (pinned in {pinned})") from None
+        except ValueError as e:  # shapes that do not match hparams.json, a vocabulary that does not fit
+            raise ExportError(str(e)) from None
         manifest = {
             "checkpoint": name,
             "index_sha256": sha256_of(index_path),
