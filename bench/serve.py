@@ -1,6 +1,6 @@
 """Cold start, speed and memory of our server against gpt-2-simple and llama.cpp alone, on this machine.
 
-    python bench/serve.py            # GPT-2 124M shape (random weights), then 355M and 774M; ~40 minutes
+    python bench/serve.py            # GPT-2 124M shape (random weights), then 355M and 774M; 25-40 minutes
     python bench/serve.py --quick    # a small model and few requests, ~2 minutes
 
 Contenders, each in its own processes: gpt-2-simple's load_gpt2 + a fresh generate() per request,
