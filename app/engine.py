@@ -219,7 +219,8 @@ class SampleText:
 
 class Generation:
     """One request. Iterating runs the model one token at a time and yields the new text of the
-    first sample (possibly ""); afterwards `result` holds the answer."""
+    first sample (possibly ""); afterwards `result` holds the answer. The prompt and every sample's
+    tokens share the model's n_ctx positions (app.main's prompt_for checks it)."""
 
     def __init__(self, model, prompt, *, prefix, length, temperature, top_k, top_p, seed, nsamples,
                  truncate, include_prefix):
@@ -234,7 +235,7 @@ class Generation:
         B, T = len(samples), len(self.prompt)
         with model.lock:
             started = time.perf_counter()
-            logits = model.llama.prompt(self.prompt, room=B * self.length)
+            logits = model.llama.prompt(self.prompt)
             if B > 1:  # same prompt for every sample: computed once, shared
                 model.llama.fork(B)
                 logits = np.repeat(logits, B, axis=0)

@@ -4,9 +4,8 @@ Only token ids go in and logits come out: tokenizing, sampling and text stay in 
 so every API parameter means what it meant with gpt-2-simple. The GGUF file is memory-mapped
 (never rewritten in place: see finetune/export.py). Samples of one request are sequences 0..B-1
 of one key/value cache; the prompt is computed once, in sequence 0, and shared with the others.
-The cache is sized for each request (prompt + samples x length, in steps of 256 positions) and
-made anew when that size changes: ~10 ms, where a cache for the largest request (4 x n_ctx) would
-keep ~150 MB resident at the 124M shape for requests that mostly need a few MB.
+The cache holds n_ctx positions in all: a request's samples share the model's context (the API's
+limit), which keeps it at 36 MB at the 124M shape whatever the request.
 
 Threads: give it only CPUs that are the server's alone: ggml's threads wait for each other at every
 operation by spinning, so a thread that is not scheduled stalls every token (measured: 50-100 ms a
@@ -39,38 +38,26 @@ class LlamaModel:
     """A GGUF model, and a context for up to `n_seqs` sequences of up to `n_ctx` positions each."""
 
     def __init__(self, path, n_ctx, n_seqs, threads):
-        self.n_ctx, self.n_seqs, self.threads = n_ctx, n_seqs, threads
+        self.n_vocab = 0
+        self.model = self.ctx = None
         L.llama_log_set(_log, None)
         L.llama_backend_init()
-        self.model = self.ctx = None
-        self.cells = 0
         _errors.clear()
         self.model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
         if not self.model:
             raise LlamaError(f"llama.cpp cannot load {path}: {' '.join(_errors) or 'unknown error'}")
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
-        self.batch = L.llama_batch_init(n_ctx, 0, 1)
-
-    def reserve(self, positions):
-        """A context whose cache holds `positions` (all sequences together), rounded up to 256."""
-        cells = min(-(-positions // 256) * 256, self.n_ctx * self.n_seqs)
-        if cells == self.cells:
-            return
-        if self.ctx:
-            L.llama_free(self.ctx)
-            self.ctx, self.cells = None, 0
         params = L.llama_context_default_params()
-        params.n_ctx = cells
-        params.n_batch = self.n_ctx  # a whole prompt in one llama_decode
-        params.n_seq_max = self.n_seqs
+        params.n_ctx = params.n_batch = n_ctx  # a whole prompt in one llama_decode
+        params.n_seq_max = n_seqs
         params.kv_unified = True  # one cache for all sequences: the shared prompt is stored once
-        params.n_threads = params.n_threads_batch = self.threads
+        params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, params)
         if not self.ctx:
-            raise LlamaError(f"llama.cpp cannot make a context of {cells} positions: {' '.join(_errors) or 'out of memory?'}")
+            raise LlamaError(f"llama.cpp cannot make a context for {path}: {' '.join(_errors) or 'out of memory?'}")
         self.memory = L.llama_get_memory(self.ctx)
-        self.cells = cells
+        self.batch = L.llama_batch_init(n_ctx, 0, 1)
 
     def _decode(self, tokens, positions, seqs, outputs):
         """Run the model on a batch; return the logits of the positions flagged in `outputs`."""
@@ -85,11 +72,10 @@ class LlamaModel:
         logits = L.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(logits, (sum(map(bool, outputs)), self.n_vocab)).copy()
 
-    def prompt(self, ids, all_logits=False, room=0):
-        """Start afresh with `ids` in sequence 0, with cache room for `room` more positions: the
-        logits of its last position [1, V], or of every position [T, V]."""
+    def prompt(self, ids, all_logits=False):
+        """Start afresh with `ids` in sequence 0: the logits of its last position [1, V], or of
+        every position [T, V]."""
         n = len(ids)
-        self.reserve(n + room)
         L.llama_memory_clear(self.memory, False)
         return self._decode(ids, range(n), [0] * n, [all_logits] * (n - 1) + [True])
 
@@ -105,7 +91,7 @@ class LlamaModel:
 
     def __del__(self):
         if getattr(self, "ctx", None):
+            L.llama_batch_free(self.batch)
             L.llama_free(self.ctx)
         if getattr(self, "model", None):
-            L.llama_batch_free(self.batch)
             L.llama_model_free(self.model)

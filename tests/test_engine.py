@@ -86,7 +86,7 @@ def test_logits_match_tensorflow(f32_model, tf_session):
 
     # The key/value cache path: prompt in one pass, then one token at a time, gives the same logits.
     split = 5
-    steps = [model.llama.prompt(ids[:split], room=len(ids))[0]]
+    steps = [model.llama.prompt(ids[:split])[0]]
     for i in range(split, len(ids)):
         steps.append(model.llama.step([ids[i]], i)[0])
     assert np.abs(np.array(steps) - expected[split - 1:]).max() <= LOGIT_TOLERANCE * np.abs(expected).max()
@@ -105,7 +105,7 @@ def test_50_greedy_tokens_match_tensorflow(f32_model, tf_session, tiny_run):
     for prefix in ("<|startoftext|>", "<|startoftext|>my dog", "<|startoftext|>the weather found"):
         prompt = model.tokenizer.encode(prefix)
         expected = sess.run(output, {context: [prompt]})[0, len(prompt):].tolist()
-        ours = [int(model.llama.prompt(prompt, room=50)[0].argmax())]  # straight on, past end tokens
+        ours = [int(model.llama.prompt(prompt)[0].argmax())]  # straight on, past end tokens
         for i in range(49):
             ours.append(int(model.llama.step([ours[-1]], len(prompt) + i)[0].argmax()))
         assert ours == expected, prefix
