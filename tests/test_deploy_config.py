@@ -113,7 +113,7 @@ def test_deploy_flags(config):
     assert "--allow-unauthenticated" in flags  # a public URL by default (the _AUTH substitution)
     assert flags["--concurrency"] == "1"  # the server generates one text at a time
     assert flags["--cpu"] == "1"
-    assert flags["--memory"] == "512Mi"  # 124M Q8_0 peaks under 400 MB (bench/results)
+    assert flags["--memory"] == "512Mi"  # 124M Q8_0 peaks under 300 MB (bench/results)
     assert "--cpu-boost" in flags  # startup CPU boost: shorter cold starts
     assert flags["--min-instances"] == "0"  # scales to zero: nothing to pay at rest
     assert 1 <= int(flags["--max-instances"]) <= 5  # a small cap on spending by default
