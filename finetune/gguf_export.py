@@ -88,8 +88,6 @@ def vocabulary(run_dir, n_vocab):
 
 def write_gguf(path, tensors, hparams, run_dir, quant=DEFAULT_QUANT, name="gpt2"):
     """Write the GGUF file `path` (a new file: callers write into a fresh folder, then rename it)."""
-    if quant not in QUANTS:
-        raise ValueError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     if quant in WRITTEN_DIRECTLY:
         _write(path, tensors, hparams, run_dir, quant, name)
         return
