@@ -3,12 +3,13 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Debian packages the tests drive for real: a browser, a container engine, a base-image builder.
-APT_PACKAGES := chromium podman runc debootstrap fonts-dejavu-core
+# Debian packages the tests drive for real: a browser, a container engine, a base-image builder;
+# and what compiles llama.cpp once (scripts/llama_wheel.sh).
+APT_PACKAGES := chromium podman runc debootstrap fonts-dejavu-core g++ cmake
 
 .PHONY: setup setup-python setup-system setup-gpu test demo bench clean
 
-setup: setup-python setup-system
+setup: setup-system setup-python
 
 setup-python: $(VENV)/.installed
 
