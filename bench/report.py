@@ -185,7 +185,7 @@ def engines_table(s):
              "| ours peak RSS (MB) | alone peak RSS (MB) | ours cold start (s) | alone cold start (s) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for quant, e in s["engines"].items():
-        for t in ("1", "2"):
+        for t in (t for t in ("1", "2") if t in e):
             ours, alone = e[t]["server"], e[t]["llama"]
             lines.append(f"| {quant} | {fmt(e['gguf_mb'], 1)} | {t} | {fmt(ours['tokens_per_s'], 1)} "
                          f"| {fmt(alone['tokens_per_s'], 1)} | {ratio(ours['tokens_per_s'], alone['tokens_per_s'])} "

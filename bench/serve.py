@@ -48,9 +48,11 @@ class BenchError(Exception):
 def settings_for(quick):
     if quick:
         return {"lengths": [20, 100, 500], "repeats": 2, "cold_repeats": 1, "growth_requests": 20,
-                "baseline_growth_seconds": 8, "early_stop_length": 200, "early_stop_seeds": [1, 2, 3]}
+                "baseline_growth_seconds": 8, "early_stop_length": 200, "early_stop_seeds": [1, 2, 3],
+                "engine_threads": [1]}
     return {"lengths": [20, 100, 500], "repeats": 3, "cold_repeats": 3, "growth_requests": 200,
-            "baseline_growth_seconds": 45, "early_stop_length": 300, "early_stop_seeds": [1, 2, 3, 4, 5]}
+            "baseline_growth_seconds": 45, "early_stop_length": 300, "early_stop_seeds": [1, 2, 3, 4, 5],
+            "engine_threads": [1, 2]}
 
 
 def thread_env(threads):
@@ -390,12 +392,13 @@ def llama_figures(model_dir, threads, length, repeats, log_path):
 
 
 def bench_engines(model, s, logs, progress):
-    """Every quant of the speed model: our server and llama.cpp alone, 1 and 2 threads, 100 tokens."""
+    """Every quant of the speed model: our server and llama.cpp alone, 100 tokens, at each of
+    s["engine_threads"] threads."""
     result = {}
     for quant in QUANTS:
         variant = quant_variant(model, quant, logs)
         entry = result[quant] = {"gguf_mb": os.path.getsize(variant / "weights" / "model.gguf") / 1e6}
-        for threads in (1, 2):
+        for threads in s["engine_threads"]:
             progress.set_description(f"{quant}, {threads} thread(s): our server, llama.cpp alone")
             entry[str(threads)] = {
                 "server": serve_figures(variant, threads, 100, s["repeats"], logs / f"ours-{quant}-{threads}.log"),
