@@ -77,7 +77,7 @@ def running_server(model_dir, port, log_path, **env):
         stop_server(server)
 
 
-def write_random_run(run_dir, tokenizer_from, n_layer=2, n_embd=768, n_head=12, seed=0, nan=False):
+def write_random_run(run_dir, tokenizer_from, n_layer=2, n_embd=768, n_head=12, seed=0, nan=False, final_gain=1.0):
     """A random-weights run folder in the export format (what the server reads: checkpoint name,
     .index hash, weights/model.gguf (Q8_0, as served by default) and manifest.json), with a trained
     run's tokenizer."""
@@ -104,7 +104,8 @@ def write_random_run(run_dir, tokenizer_from, n_layer=2, n_embd=768, n_head=12, 
     values["model/wpe"][0] += direction
     if nan:
         values["model/h0/mlp/c_fc/b"][0] = np.nan
-    quant = "F32" if nan else "Q8_0"
+    values["model/ln_f/g"] *= final_gain
+    quant = "F32" if nan or final_gain != 1 else "Q8_0"  # llama.cpp won't quantize NaN; F16 can't hold big gains
     write_gguf(str(run_dir / "weights" / "model.gguf"), values, hparams, str(run_dir), quant)
     manifest = {"checkpoint": "model-1", "hparams": hparams, "gguf": "model.gguf", "quant": quant,
                 "index_sha256": hashlib.sha256((run_dir / "model-1.index").read_bytes()).hexdigest()}
