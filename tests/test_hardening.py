@@ -8,7 +8,6 @@ start-up: test_server.py; the page's ?api=: test_page.py.)
 import concurrent.futures
 import contextlib
 import re
-import shutil
 import signal
 import socket
 import threading
@@ -16,7 +15,6 @@ import time
 from types import SimpleNamespace
 
 import httpx
-import numpy as np
 import psutil
 import pytest
 
