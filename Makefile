@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+WHEEL_CACHE ?= $(HOME)/.cache/gpt2-run/wheels
 # Debian packages the tests drive for real: a browser, a container engine, a base-image builder;
 # and what compiles llama.cpp once (scripts/llama_wheel.sh).
 APT_PACKAGES := chromium podman runc debootstrap fonts-dejavu-core g++ cmake
@@ -16,8 +17,11 @@ setup-python: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-train.txt requirements-gpt2simple.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# llama-cpp-python: compiled once into wheels/ (kept; the container test hands it to the image build)
+	# llama-cpp-python: compiled once into wheels/ (kept; the container test hands it to the image build),
+	# and kept in a per-user cache too, so that a fresh clone on the same machine does not compile again.
+	mkdir -p wheels $(WHEEL_CACHE) && cp -n $(WHEEL_CACHE)/*.whl wheels/ 2>/dev/null || true
 	PIP="$(PY) -m pip" scripts/llama_wheel.sh wheels
+	cp -n wheels/*.whl $(WHEEL_CACHE)/ 2>/dev/null || true
 	$(PY) -m pip install -q --find-links wheels --only-binary llama-cpp-python -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -r requirements-gpt2simple.txt
 	touch $@
