@@ -382,11 +382,11 @@ class Trainer:
 
     def estimate(self, seconds_per_step, steps_left):
         if steps_left is None:
-            tqdm.write(f"{seconds_per_step:.2f} s/step on {self.device}: 1,000 steps take about "
+            tqdm.write(f"{seconds_per_step:.3g} s/step on {self.device}: 1,000 steps take about "
                        f"{duration(1000 * seconds_per_step)}", file=sys.stderr)
             return
         left = steps_left * seconds_per_step
-        tqdm.write(f"About {duration(left)} left: {steps_left} more steps at {seconds_per_step:.2f} s/step "
+        tqdm.write(f"About {duration(left)} left: {steps_left} more steps at {seconds_per_step:.3g} s/step "
                    f"on {self.device}", file=sys.stderr)
         hint = faster_options(self.device, self.n_params, left, self.args, self.window)
         if hint:

@@ -40,7 +40,7 @@ def test_device_report_estimate_and_window(tmp_path):
     assert result.returncode == 0, result.stderr
     threads = len(os.sched_getaffinity(0))
     assert f"Training on CPU, {threads} threads\n" in result.stdout
-    estimate = re.search(r"About (\d+ s|\d+ min) left: 5 more steps at (\d+\.\d\d) s/step on CPU, "
+    estimate = re.search(r"About (\d+ s|\d+ min) left: 5 more steps at (\d[\d.]*(?:e-\d+)?) s/step on CPU, "
                          rf"{threads} threads\n", result.stderr)
     assert estimate, result.stderr
     assert float(estimate.group(2)) > 0

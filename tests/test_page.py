@@ -102,7 +102,7 @@ def slow_api(tiny_run, site, out_dir, tmp_path_factory):
 def long_answer(slow_api):
     """A request whose answer runs its full length (no early end token), and that answer."""
     for seed in range(20):
-        body = {"prefix": "The cat ", "length": 150, "temperature": 1.0, "top_k": 0, "top_p": 0, "seed": seed}
+        body = {"prefix": "The cat ", "length": 600, "temperature": 1.0, "top_k": 0, "top_p": 0, "seed": seed}
         answer = httpx.post(slow_api.url + "/", json=body, timeout=120).json()
         if answer["stop_reason"] == "length":
             return body, answer
