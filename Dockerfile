@@ -15,15 +15,14 @@
 # that crashes on Cloud Run hosts without it): GGML_NATIVE=OFF for x86-64-v3 (AVX2, FMA, F16C, BMI2),
 # which every Cloud Run CPU has, compiled once. The reasons, and the flags: scripts/llama_wheel.sh.
 
-# ---- wheels: llama-cpp-python, compiled here only when wheels/ holds no fitting one
+# ---- wheels: llama-cpp-python, compiled here unless wheels/ holds one built with the portable flags
 FROM python:3.11-slim AS wheels
 WORKDIR /build
 COPY requirements.txt scripts/llama_wheel.sh ./
 COPY wheels/ wheels/
 # Debian's compilers of the base image's release: what the wheel is built with needs no version pin.
 # hadolint ignore=DL3008
-RUN if ! pip wheel -q --no-deps --no-index --find-links wheels -w wheels \
-          "llama-cpp-python==$(sed -n 's/^llama-cpp-python==//p' requirements.txt)"; then \
+RUN if ! sh llama_wheel.sh wheels --check; then \
         apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
         && rm -rf /var/lib/apt/lists/* && sh llama_wheel.sh wheels; \
     fi \

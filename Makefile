@@ -19,9 +19,9 @@ $(VENV)/.installed: requirements.txt requirements-train.txt requirements-gpt2sim
 	$(PY) -m pip install -q --upgrade pip
 	# llama-cpp-python: compiled once into wheels/ (kept; the container test hands it to the image build),
 	# and kept in a per-user cache too, so that a fresh clone on the same machine does not compile again.
-	mkdir -p wheels $(WHEEL_CACHE) && cp -n $(WHEEL_CACHE)/*.whl wheels/ 2>/dev/null || true
+	mkdir -p wheels $(WHEEL_CACHE) && cp -n $(WHEEL_CACHE)/llama_cpp_python-* wheels/ 2>/dev/null || true
 	PIP="$(PY) -m pip" scripts/llama_wheel.sh wheels
-	cp -n wheels/*.whl $(WHEEL_CACHE)/ 2>/dev/null || true
+	cp wheels/llama_cpp_python-* $(WHEEL_CACHE)/
 	$(PY) -m pip install -q --find-links wheels --only-binary llama-cpp-python -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -r requirements-gpt2simple.txt
 	touch $@

@@ -10,16 +10,24 @@
 # times (longer than the whole test suite here), and llama-cpp-python's CMakeLists installs a fixed
 # list of libraries that leaves those modules (ggml-cpu-haswell.so, ...) out of the wheel.
 # OpenMP off: ggml's own thread pool, and no libgomp needed in the image.
-# $PIP: the pip to run (default `pip`).
+# A wheel is reused only when the stamp beside it (llama_cpp_python-VERSION.cmake-args) records these
+# exact flags: a wheel's name does not say how it was compiled, and one built with pip's defaults
+# (GGML_NATIVE=ON) must never reach an image.
+# $PIP: the pip to run (default `pip`). `--check`: exit 0 if a reusable wheel is there, 1 if not; never compiles.
 set -eu
 dest=$1
 pip=${PIP:-pip}
 version=$(sed -n 's/^llama-cpp-python==//p' requirements.txt)
 [ -n "$version" ] || { echo "llama_wheel.sh: no llama-cpp-python== pin in requirements.txt" >&2; exit 1; }
-if $pip wheel -q --no-deps --no-index --find-links "$dest" -w "$dest" "llama-cpp-python==$version" 2>/dev/null; then
+cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF"
+stamp="$dest/llama_cpp_python-$version.cmake-args"
+if [ "$(cat "$stamp" 2>/dev/null)" = "$cmake_args" ] \
+   && $pip wheel -q --no-deps --no-index --find-links "$dest" -w "$dest" "llama-cpp-python==$version" 2>/dev/null; then
     exit 0
 fi
+[ "${2:-}" != --check ] || exit 1
 echo "Compiling llama-cpp-python $version (llama.cpp, CPU: x86-64-v3); 5-10 minutes, once"
-CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF" \
-CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+rm -f "$stamp"
+CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
     $pip wheel --no-deps --no-binary llama-cpp-python -w "$dest" "llama-cpp-python==$version"
+echo "$cmake_args" > "$stamp"

@@ -151,7 +151,7 @@ def context(tmp_path_factory, tiny_run):
     for rel in checkout_files():
         (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, ctx / rel)
-    for wheel in (ROOT / "wheels").glob("*.whl"):
+    for wheel in (ROOT / "wheels").glob("llama_cpp_python-*"):  # the wheel and its build-flags stamp
         shutil.copy2(wheel, ctx / "wheels" / wheel.name)
     shutil.copytree(tiny_run, ctx / "checkpoint" / "run1")
     for rel, text in DECOYS.items():

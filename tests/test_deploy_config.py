@@ -149,3 +149,35 @@ def test_fetch_copies_the_run_from_cloud_storage(config):
         assert f"gs://${{_BUCKET}}/${{_RUN}}/{name}\"" in script
     assert config["substitutions"]["_BUCKET"] == ""  # must be given; the step says so when it is not
     assert 'test -n "${_BUCKET}"' in script
+
+
+def llama_wheel_check(folder):
+    return subprocess.run(["sh", "scripts/llama_wheel.sh", str(folder), "--check"], cwd=ROOT,
+                          env={"PATH": f"{BIN}:/usr/bin:/bin", "PIP": f"{sys.executable} -m pip"},
+                          capture_output=True, text=True, timeout=120).returncode
+
+
+def test_llama_wheel_is_reused_only_when_built_with_the_portable_flags(tmp_path):
+    """The image build reuses wheels/'s llama-cpp-python only with the stamp of scripts/llama_wheel.sh's
+    flags: a wheel's name does not say how it was compiled, and pip's default is GGML_NATIVE=ON."""
+    wheel = next((ROOT / "wheels").glob("llama_cpp_python-*.whl"))
+    stamp = next((ROOT / "wheels").glob("llama_cpp_python-*.cmake-args"))
+    shutil.copy2(wheel, tmp_path / wheel.name)
+    assert llama_wheel_check(tmp_path) == 1  # no stamp: compile
+    (tmp_path / stamp.name).write_text(stamp.read_text().replace("-DGGML_NATIVE=OFF", "-DGGML_NATIVE=ON"))
+    assert llama_wheel_check(tmp_path) == 1  # built for the build machine's CPU: compile
+    shutil.copy2(stamp, tmp_path / stamp.name)
+    assert llama_wheel_check(tmp_path) == 0
+
+
+def test_llama_wheel_has_no_avx512(tmp_path):
+    """The CPU backend make setup built (and the image installs) uses AVX2 at most, even when built on
+    a machine with AVX-512 like this one may be: no zmm register anywhere in libggml-cpu."""
+    wheel = next((ROOT / "wheels").glob("llama_cpp_python-*.whl"))
+    shutil.unpack_archive(wheel, tmp_path, format="zip")
+    libraries = list(tmp_path.glob("**/libggml-cpu.so"))
+    assert libraries
+    for library in libraries:
+        code = subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, check=True).stdout
+        assert "%ymm" in code  # the AVX2 build really is there
+        assert "%zmm" not in code
