@@ -17,7 +17,7 @@ from app import logs
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, which on the first SIGTERM or Ctrl+C also drains the gate (see app.main.Gate)."""
+    """uvicorn's server, which on the first SIGTERM or Ctrl+C also drains the gate (see app.gate.Gate)."""
 
     def __init__(self, config, app):
         super().__init__(config)

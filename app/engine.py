@@ -220,7 +220,7 @@ class SampleText:
 class Generation:
     """One request. Iterating runs the model one token at a time and yields the new text of the
     first sample (possibly ""); afterwards `result` holds the answer. The prompt and every sample's
-    tokens share the model's n_ctx positions (app.main's prompt_for checks it)."""
+    tokens share the model's n_ctx positions (app.params.prompt_for checks it)."""
 
     def __init__(self, model, prompt, *, prefix, length, temperature, top_k, top_p, seed, nsamples,
                  truncate, include_prefix):

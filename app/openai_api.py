@@ -11,14 +11,12 @@ import re
 import time
 import uuid
 
-from starlette.requests import ClientDisconnect
-from starlette.responses import Response
-
-from app import logs
+from app import answers, logs
 from app.engine import Generation
-from app.main import (Busy, ClientLeft, GenerationStream, ShuttingDown, UJSONResponse, json_params, prompt_for,
-                      read_body, run, sse, steps, tokens_so_far)
-from app.params import Boolean, Integer, Number, ParamError, Text
+from app.gate import run, steps
+from app.http import UJSONResponse, json_params, read_body, sse
+from app.params import Boolean, Integer, Number, ParamError, Stop, Text, check, prompt_for
+from app.schema import BOOLEAN, GENERATES, INTEGER, STRING, get, json_body, obj, responses, schema, sse_content
 
 # What a neutral value looks like for each parameter we do not support: those values are accepted
 # (clients such as LangChain send them), anything else is refused naming the parameter.
@@ -27,28 +25,6 @@ UNSUPPORTED = {"suffix": (None, ""), "logprobs": (None,), "best_of": (None, 1), 
 # Our engine's parameter -> OpenAI's name for it, to name the right one in errors.
 OPENAI_NAMES = {"prefix": "prompt", "length": "max_tokens", "nsamples": "n", "truncate": "stop",
                 "include_prefix": "echo"}
-
-
-class Stop:
-    """OpenAI's `stop`: a string or a list of up to `max_items` strings; always parsed to a list."""
-
-    def __init__(self, max_chars, max_items=4):
-        self.default, self.text, self.max_items = None, Text(None, max_chars), max_items
-
-    def describe(self):
-        return f"a string or a list of up to {self.max_items} strings of at most {self.text.max_chars} characters"
-
-    def parse(self, value):
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or len(items) > self.max_items:
-            return None
-        if any(self.text.parse(item) is None for item in items):
-            return None
-        return [item for item in items if item]
-
-    def limits(self):
-        return {"type": "string or list", "default": None, "max_chars": self.text.max_chars,
-                "max_items": self.max_items}
 
 
 def parameters(table):
@@ -69,15 +45,18 @@ def parameters(table):
     }
 
 
-def model_name(model):
-    """The served model's name here and in /v2: its run folder's ("run1")."""
-    return model.run_dir.resolve().name
+TYPES = {404: "not_found_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+CODES = {429: "rate_limit_exceeded", 503: "shutting_down"}
 
 
-def error(status, message, param=None, code=None, headers=None):
-    kind = {429: "rate_limit_error", 404: "not_found_error"}.get(status, "invalid_request_error")
-    return UJSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
-                         headers=headers)
+def shape(status, message, retry_after=None, param=None, code=None):
+    """OpenAI's error, which its SDK raises as BadRequestError (400), RateLimitError (429)..."""
+    return {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"), "param": param,
+                      "code": code or CODES.get(status)}}
+
+
+def error(status, message, param=None, code=None):
+    return UJSONResponse(shape(status, message, param=param, code=code), status)
 
 
 def openai_message(message):
@@ -98,15 +77,7 @@ def parse(table, given):
             raise ParamError("prompt must be a string (or a list of one string); several prompts or token "
                              "ids are not supported", "prompt")
         given = {**given, "prompt": prompt[0]}
-    values = {}
-    for name, spec in table.items():
-        value = given.get(name)
-        values[name] = spec.default if value is None else spec.parse(value)
-        if values[name] is None and value is not None:
-            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-            if isinstance(value, str) and isinstance(spec, (Text, Stop)):
-                shown = f"{len(value)} characters"  # not the user's text: it goes to the logs too
-            raise ParamError(f"{name} must be {spec.describe()}, got {shown}", name)
+    values = check(table, given)
     if values["model"] is None:
         raise ParamError("model is required: the name GET /v1/models lists", "model")
     if values["stream"] and values["n"] > 1:
@@ -161,7 +132,7 @@ def finish_reason(stop_text, engine_reason):
 
 
 async def complete(request, generation, gate, stops):
-    """Run a generation under main.steps' checks; (texts, finish reasons, completion tokens). With one
+    """Run a generation under app.gate's checks; (texts, finish reasons, completion tokens). With one
     choice it ends as soon as a stop string appears; with several each is cut afterwards."""
     if len(generation.samples) == 1:
         cut = StopText(stops)
@@ -169,7 +140,7 @@ async def complete(request, generation, gate, stops):
             async for piece in pieces:
                 cut.add(piece)
                 if cut.stopped:
-                    return [cut.text], ["stop"], tokens_so_far(generation)
+                    return [cut.text], ["stop"], answers.tokens([generation])
         result = generation.result
         return [cut.text], [finish_reason(cut, result["stop_reason"])], result["tokens"]
     result = await run(request, generation, gate)
@@ -179,10 +150,9 @@ async def complete(request, generation, gate, stops):
     return [c.text for c in cuts], [finish_reason(c, r) for c, r in zip(cuts, result["stop_reasons"])], result["tokens"]
 
 
-def answer(values, model, choices):
+def answer(values, name, choices):
     """A completion, or a chunk of one, without its usage."""
-    return {"id": values["id"], "object": "text_completion", "created": values["created"],
-            "model": model_name(model),
+    return {"id": values["id"], "object": "text_completion", "created": values["created"], "model": name,
             "choices": [{"text": text, "index": i, "finish_reason": reason, "logprobs": None}
                         for i, (text, reason) in enumerate(choices)]}
 
@@ -200,17 +170,15 @@ async def completions(request):
     try:
         values = parse(state.openai_table, json_params(request, await read_body(request)))
         engine = engine_arguments(values, state.table)
-        if values["model"] != model_name(state.model):
+        if values["model"] != state.name:
             request.state.log = {"error": "unknown model", "parameter": "model"}
             return error(404, f"the model {values['model']!r} does not exist; this server serves "
-                              f"{model_name(state.model)!r} (GET /v1/models)", "model", "model_not_found")
+                              f"{state.name!r} (GET /v1/models)", "model", "model_not_found")
         prompt = prompt_for(state.model, engine)
     except ParamError as e:
         param = OPENAI_NAMES.get(e.parameter, e.parameter)
         request.state.log = {"error": e.message, "parameter": param}
         return error(e.status, openai_message(e.message), param)
-    except ClientDisconnect:
-        return Response(status_code=499)
 
     values.update(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()))
     # Logged as GET / logs: the prompt as its length (as prefix_chars) unless LOG_PROMPTS=1.
@@ -218,100 +186,94 @@ async def completions(request):
     request.state.log = fields = {"params": logs.private({**logged, "prefix": values["prompt"]}),
                                   "prompt_tokens": len(prompt)}
     generation = Generation(state.model, prompt, **engine)
-    try:
-        await state.gate.enter()
-    except Busy:
-        retry = state.gate.retry_after()
-        fields["error"] = "busy"
-        return error(429, f"busy: one generation runs at a time and {state.gate.size} are waiting; "
-                          f"retry in {retry} s", code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
-    except ShuttingDown:
-        return shutting_down(fields)
     if values["stream"]:
-        return CompletionStream(request, generation, state.gate, fields, values, state.model, len(prompt))
-    try:
+        return await answers.stream(request, generation, shape, frame(values, state.name, len(prompt), generation,
+                                                                       fields), sse)
+
+    async def work():
         texts, reasons, tokens = await complete(request, generation, state.gate, values["stop"])
-    except ClientLeft:
-        fields.update(disconnected=True, tokens=tokens_so_far(generation))
-        return Response(status_code=499)
-    except ShuttingDown:
-        fields["tokens"] = tokens_so_far(generation)
-        return shutting_down(fields)
-    finally:
-        state.gate.leave(generation.result and generation.result["seconds"])
-    if values["echo"]:
-        texts = [values["prompt"] + text for text in texts]
-    fields.update(tokens=tokens, stop_reason=reasons[0])
-    return UJSONResponse({**answer(values, state.model, zip(texts, reasons)), "usage": usage(len(prompt), tokens)})
+        if values["echo"]:
+            texts = [values["prompt"] + text for text in texts]
+        fields.update(tokens=tokens, stop_reason=reasons[0])
+        return UJSONResponse({**answer(values, state.name, zip(texts, reasons)), "usage": usage(len(prompt), tokens)})
+
+    return await answers.answer(request, [generation], shape, work)
 
 
-SHUTDOWN_ERROR = {"error": {"message": "the server is shutting down; retry in 1 s", "type": "server_error",
-                            "param": None, "code": "shutting_down"}}
-
-
-def shutting_down(fields):
-    fields["error"] = "shutting down"
-    return UJSONResponse(SHUTDOWN_ERROR, 503, headers={"Retry-After": "1"})
-
-
-class CompletionStream(GenerationStream):
+def frame(values, name, prompt_tokens, generation, fields):
     """OpenAI's Server-Sent Events: a text_completion chunk per new piece, one with the finish_reason,
     (a usage chunk if stream_options asked for it), then `data: [DONE]`. An error is a chunk with
     "error", which the SDK raises."""
+    cut = StopText(values["stop"])
 
-    def __init__(self, request, generation, gate, fields, values, model, prompt_tokens):
-        self.values, self.model, self.prompt_tokens = values, model, prompt_tokens
-        self.cut = StopText(values["stop"])
-        super().__init__(request, generation, gate, fields)
+    def chunk(text, reason=None):
+        return sse(answer(values, name, [(text, reason)]))
 
-    def chunk(self, text, reason=None):
-        return sse(answer(self.values, self.model, [(text, reason)]))
-
-    async def events(self, request):
-        if self.values["echo"]:
-            yield self.chunk(self.values["prompt"])
-        try:
-            async with contextlib.aclosing(steps(request, self.generation, self.gate)) as pieces:
-                async for piece in pieces:
-                    if shown := self.cut.add(piece):
-                        yield self.chunk(shown)
-                    if self.cut.stopped:
-                        break
-        except ClientLeft:
-            return
-        except ShuttingDown:
-            self.fields["error"] = "shutting down"
-            yield sse(SHUTDOWN_ERROR)
-            return
-        except Exception:
-            logs.logger.exception("generation failed")
-            self.fields["error"] = "generation failed"
-            yield sse({"error": {"message": "the generation failed (an internal error, logged on the server)",
-                                 "type": "server_error", "param": None, "code": None}})
-            return
-        if rest := self.cut.finish():
-            yield self.chunk(rest)
-        result = self.generation.result
-        yield self.chunk("", finish_reason(self.cut, result and result["stop_reason"]))
-        if self.values["include_usage"]:
-            tokens = result["tokens"] if result else tokens_so_far(self.generation)
-            yield sse({**answer(self.values, self.model, []), "usage": usage(self.prompt_tokens, tokens)})
+    async def events(pieces):
+        if values["echo"]:
+            yield chunk(values["prompt"])
+        async for piece in pieces:
+            if shown := cut.add(piece):
+                yield chunk(shown)
+            if cut.stopped:
+                fields["stop_reason"] = "stop"
+                break
+        if rest := cut.finish():
+            yield chunk(rest)
+        result = generation.result
+        yield chunk("", finish_reason(cut, result and result["stop_reason"]))
+        if values["include_usage"]:
+            yield sse({**answer(values, name, []), "usage": usage(prompt_tokens, answers.tokens([generation]))})
         yield "data: [DONE]\n\n"
 
-    async def __call__(self, scope, receive, send):
-        await super().__call__(scope, receive, send)
-        if self.cut.stopped:  # it ended at a stop string, not because the client left
-            self.fields.pop("disconnected", None)
-            self.fields["stop_reason"] = "stop"
+    return events
 
 
 async def models(request):
     model = request.app.state.model
     return UJSONResponse({"object": "list", "data": [
-        {"id": model_name(model), "object": "model", "created": int(model.run_dir.stat().st_mtime),
+        {"id": request.app.state.name, "object": "model", "created": int(model.run_dir.stat().st_mtime),
          "owned_by": "gpt2-run"}]})
 
 
 async def chat_completions(request):
     return error(404, "this is a completion model, not a chat model: there is no /v1/chat/completions; "
                       "use POST /v1/completions with a prompt", code="not_found")
+
+
+# ---------------------------------------------------------------- the OpenAPI description
+
+
+def paths(state):
+    """The OpenAPI description of /v1/completions, /v1/models and /v1/chat/completions."""
+    error = obj({"error": obj({"message": STRING, "type": STRING, "param": {"type": ["string", "null"]},
+                               "code": {"type": ["string", "null"]}}, ["message", "type", "param", "code"])},
+                ["error"])
+    properties = {n: schema(spec) for n, spec in state.openai_table.items()}
+    properties["model"] = {"enum": [state.name]}
+    prompt = properties["prompt"]
+    properties["prompt"] = {"anyOf": [prompt, {"type": "array", "items": prompt, "minItems": 1, "maxItems": 1}]}
+    properties.update({n: {"enum": list(neutral)} for n, neutral in UNSUPPORTED.items()})
+    properties["stream_options"] = {"anyOf": [obj({"include_usage": BOOLEAN}, additionalProperties=False),
+                                              {"type": "null"}]}
+    choice = obj({"text": STRING, "index": INTEGER, "logprobs": {"type": "null"},
+                  "finish_reason": {"enum": ["stop", "length", None]}}, ["text", "index", "finish_reason"])
+    usage = obj({k: INTEGER for k in ("prompt_tokens", "completion_tokens", "total_tokens")})
+    completion = obj({"id": STRING, "object": {"const": "text_completion"}, "created": INTEGER, "model": STRING,
+                      "choices": {"type": "array", "items": choice}, "usage": usage},
+                     ["id", "object", "created", "model", "choices"])
+    model = obj({"id": STRING, "object": {"const": "model"}, "created": INTEGER, "owned_by": STRING}, ["id", "object"])
+    return {
+        "/v1/completions": {"post": {
+            "summary": "OpenAI-compatible completion", "operationId": "openai_completions",
+            "requestBody": {"required": True,
+                            "content": json_body(obj(properties, ["model"], additionalProperties=False))},
+            "responses": responses(completion, error, (*GENERATES, 404), {
+                **json_body(completion), **sse_content(["message"], {"anyOf": [completion, error]}, "[DONE]")})}},
+        "/v1/models": get("The served model, OpenAI's way", "openai_models",
+                          obj({"object": {"const": "list"}, "data": {"type": "array", "items": model}},
+                              ["object", "data"])),
+        "/v1/chat/completions": {"post": {
+            "summary": "Not offered: this is a completion model (always 404)", "operationId": "openai_chat",
+            "responses": {"404": {"description": "use /v1/completions", "content": json_body(error)}}}},
+    }

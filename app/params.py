@@ -1,4 +1,5 @@
-"""The generation parameters: defaults, allowed ranges, and parsing from a query string or JSON.
+"""The generation parameters: defaults, allowed ranges, parsing from a query string or JSON, and the
+prompt's check against the model's context.
 
 Every rejection is a ParamError whose message names the parameter and what it accepts.
 """
@@ -127,11 +128,31 @@ HINTS = {"temperature": " (for greedy decoding use top_k=1)", "top_k": " (0 turn
          "top_p": " (0 turns it off)", "seed": " (leave it out for a random one)"}
 
 
-def parse(table, given):
-    """given: a dict of name -> str (query string) or JSON value. Returns every parameter's value."""
-    unknown = [name for name in given if name not in table]
-    if unknown:
-        raise ParamError(f"unknown parameter {unknown[0]!r}; the parameters are {', '.join(table)}", unknown[0])
+class Stop:
+    """OpenAI's `stop`: a string or a list of up to `max_items` strings; always parsed to a list."""
+
+    def __init__(self, max_chars, max_items=4):
+        self.default, self.text, self.max_items = None, Text(None, max_chars), max_items
+
+    def describe(self):
+        return f"a string or a list of up to {self.max_items} strings of at most {self.text.max_chars} characters"
+
+    def parse(self, value):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or len(items) > self.max_items:
+            return None
+        if any(self.text.parse(item) is None for item in items):
+            return None
+        return [item for item in items if item]
+
+    def limits(self):
+        return {"type": "string or list", "default": None, "max_chars": self.text.max_chars,
+                "max_items": self.max_items}
+
+
+def check(table, given, hints=None):
+    """Every parameter of `table`: its default when absent or null, else its parsed value; a ParamError
+    names the first one that is wrong and what it accepts."""
     values = {}
     for name, spec in table.items():
         value = given.get(name)
@@ -140,17 +161,50 @@ def parse(table, given):
             continue
         parsed = spec.parse(value)
         if parsed is None:
-            if isinstance(spec, Text) and isinstance(value, str):
+            if isinstance(spec, (Text, Stop)) and isinstance(value, str):
                 shown = f"{len(value)} characters"  # not the user's text: it goes to the logs too
             else:
                 shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-            raise ParamError(f"{name} must be {spec.describe()}{HINTS.get(name, '')}, got {shown}", name)
+            raise ParamError(f"{name} must be {spec.describe()}{(hints or {}).get(name, '')}, got {shown}", name)
         values[name] = parsed
+    return values
+
+
+def parse(table, given):
+    """given: a dict of name -> str (query string) or JSON value. Returns every parameter's value."""
+    unknown = [name for name in given if name not in table]
+    if unknown:
+        raise ParamError(f"unknown parameter {unknown[0]!r}; the parameters are {', '.join(table)}", unknown[0])
+    values = check(table, given, HINTS)
     if values["stream"] and values["nsamples"] > 1:
         raise ParamError("stream=true works with nsamples=1 only", "nsamples")
     if values["truncate"] == "":
         values["truncate"] = None
     return values
+
+
+def prompt_for(model, values):
+    """The prefix as token ids (gpt-2-simple starts from <|endoftext|> without one), checked against n_ctx:
+    all samples together hold at most n_ctx tokens, prefix included, which bounds a request's memory
+    (its share of the key/value cache) and its time."""
+    prefix, nsamples = values["prefix"], values["nsamples"]
+    if not prefix:
+        prompt = [model.tokenizer.end_token]
+    else:
+        prompt = model.tokenizer.encode(prefix)
+        if model.tokenizer.decode(prompt) != prefix:
+            raise ParamError("prefix has characters the model's vocabulary cannot encode", "prefix")
+    context = model.n_ctx // nsamples
+    budget = f"{model.n_ctx} tokens (the model's context)" if nsamples == 1 else \
+        f"{context} tokens with nsamples={nsamples} (the model's context, {model.n_ctx}, shared by the samples)"
+    room = context - len(prompt)
+    if room < 1:
+        raise ParamError(f"prefix is {len(prompt)} tokens; prefix and length together can be at most {budget}",
+                         "prefix")
+    if values["length"] > room:
+        raise ParamError(f"length must be at most {room} with this prefix ({len(prompt)} tokens): prefix and "
+                         f"length together can be at most {budget}", "length")
+    return prompt
 
 
 def limits(table, **extra):

@@ -13,30 +13,33 @@ default: a JSON header of Inference-Header-Content-Length bytes, then each BYTES
 little-endian length and its bytes). Errors are {"error": "..."}; a wrong model name, tensor name,
 datatype or shape is a 400.
 """
-import json
 import re
 import time
 
-from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from app import answers
 from app.engine import Generation
-from app.main import (Busy, ClientLeft, ShuttingDown, UJSONResponse, prompt_for, read_body, run, tokens_so_far,
-                      unique_keys)
-from app.openai_api import model_name
-from app.params import ParamError, parse
+from app.gate import run
+from app.http import UJSONResponse, json_object, read_body
+from app.params import ParamError, parse, prompt_for
+from app.schema import BOOLEAN, GENERATES, INTEGER, STRING, STRINGS, get, json_body, obj, responses, schema
 
 INPUT, OUTPUT = "text_input", "text_output"
 MAX_TEXTS = 4  # texts in one request: they hold the gate one after another
 NOT_PARAMETERS = ("prefix", "stream", "nsamples")  # the text is the input; one text out per text in
 
 
+def shape(status, message, retry_after=None):
+    return {"error": message}
+
+
 def error(status, message, headers=None):
-    return UJSONResponse({"error": message}, status, headers=headers)
+    return UJSONResponse(shape(status, message), status, headers=headers)
 
 
 def check_name(request):
-    name, served = request.path_params["name"], model_name(request.app.state.model)
+    name, served = request.path_params["name"], request.app.state.name
     if name != served:
         raise ParamError(f"unknown model {name!r}; this server serves {served!r}")
 
@@ -68,12 +71,7 @@ def read_request(body, header_length):
         header, binary = body[:int(header_length)], body[int(header_length):]
     else:
         raise ParamError(f"Inference-Header-Content-Length must be a number of bytes up to the body's {len(body)}")
-    try:
-        data = json.loads(header.decode("utf-8"), object_pairs_hook=unique_keys)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ParamError(f"the request is not valid UTF-8 JSON ({e})") from None
-    except RecursionError:
-        raise ParamError("the request is not valid JSON (nested too deeply)") from None
+    data = json_object(header, "the request")
     if not isinstance(data, dict) or not isinstance(data.get("inputs"), list):
         raise ParamError(f'the request must be a JSON object with "inputs": [{{"name": "{INPUT}", ...}}]')
     if unknown := set(data) - {"id", "parameters", "inputs", "outputs"}:
@@ -138,11 +136,6 @@ def check_parameters(table, parameters):
                          f"(and binary_data_output)", unknown[0])
 
 
-def shutting_down(fields):
-    fields["error"] = "shutting down"
-    return error(503, "the server is shutting down; retry in 1 s", headers={"Retry-After": "1"})
-
-
 # ---------------------------------------------------------------- routes
 
 
@@ -167,7 +160,7 @@ async def model_metadata(request):
         return error(e.status, e.message)
     model = request.app.state.model
     tensor = {"datatype": "BYTES", "shape": [-1]}
-    return UJSONResponse({"name": model_name(model), "versions": [model.manifest["checkpoint"]],
+    return UJSONResponse({"name": request.app.state.name, "versions": [model.manifest["checkpoint"]],
                           "platform": "gpt2-run", "inputs": [{"name": INPUT, **tensor}],
                           "outputs": [{"name": OUTPUT, **tensor}]})
 
@@ -177,7 +170,7 @@ async def model_ready(request):
         check_name(request)
     except ParamError as e:
         return error(e.status, e.message)
-    return UJSONResponse({"name": model_name(request.app.state.model), "ready": True})
+    return UJSONResponse({"name": request.app.state.name, "ready": True})
 
 
 async def infer(request):
@@ -195,40 +188,27 @@ async def infer(request):
         message = re.sub(r"\bprefix\b", INPUT, e.message)  # the checks shared with GET / call the text so
         request.state.log = {"error": message, "parameter": INPUT if e.parameter == "prefix" else e.parameter}
         return error(e.status, message)
-    except ClientDisconnect:
-        return Response(status_code=499)
 
     request.state.log = fields = {"params": {k: v for k, v in runs[0][1].items() if k != "prefix"},
                                   "texts": len(texts), "prompt_tokens": [len(prompt) for prompt, _ in runs]}
     generations = [Generation(state.model, prompt, **{k: v for k, v in values.items() if k != "stream"})
                    for prompt, values in runs]
-    try:
-        await state.gate.enter()
-    except Busy:
-        retry = state.gate.retry_after()
-        fields["error"] = "busy"
-        return error(429, f"busy: one generation runs at a time and {state.gate.size} are waiting; "
-                          f"retry in {retry} s", headers={"Retry-After": str(retry)})
-    except ShuttingDown:
-        return shutting_down(fields)
-    started, results = time.perf_counter(), []
-    try:
+
+    async def work():
+        started, results = time.perf_counter(), []
         for generation in generations:
             results.append(await run(request, generation, state.gate))
-    except ClientLeft:
-        fields.update(disconnected=True, tokens=tokens_so_far(generation))
-        return Response(status_code=499)
-    except ShuttingDown:
-        fields["tokens"] = tokens_so_far(generation)
-        return shutting_down(fields)
-    finally:
-        state.gate.leave(time.perf_counter() - started if len(results) == len(runs) else None)
-    fields.update(tokens=sum(r["tokens"] for r in results), stop_reason=[r["stop_reason"] for r in results],
-                  seconds=round(time.perf_counter() - started, 3))
+        fields.update(tokens=sum(r["tokens"] for r in results), stop_reason=[r["stop_reason"] for r in results],
+                      seconds=round(time.perf_counter() - started, 3))
+        return respond(results, state, request_id, binary_out)
 
+    return await answers.answer(request, generations, shape, work)
+
+
+def respond(results, state, request_id, binary_out):
+    """The infer answer: text_output as JSON, or as Triton's binary tensor data when asked."""
     output = {"name": OUTPUT, "datatype": "BYTES", "shape": [len(results)]}
-    answer = {"model_name": model_name(state.model), "model_version": state.model.manifest["checkpoint"],
-              "outputs": [output]}
+    answer = {"model_name": state.name, "model_version": state.model.manifest["checkpoint"], "outputs": [output]}
     if request_id is not None:
         answer["id"] = request_id
     if not binary_out:
@@ -239,3 +219,52 @@ async def infer(request):
     header = UJSONResponse(answer).body
     return Response(header + data, media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(len(header))})
+
+
+# ---------------------------------------------------------------- the OpenAPI description
+
+
+def paths(state):
+    """The OpenAPI description of /v2, its health, the model's metadata and readiness, and inference."""
+    error = obj({"error": STRING}, ["error"])
+    texts = {"type": "array", "items": STRING, "minItems": 1, "maxItems": MAX_TEXTS}
+    sizes = {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": MAX_TEXTS},
+             "minItems": 1, "maxItems": 1}
+    tensor = {"datatype": {"const": "BYTES"}, "shape": {"const": [-1]}}
+    parameters = {n: schema(spec) for n, spec in generation_parameters(state.table).items()}
+    parameters["binary_data_output"] = BOOLEAN
+    request = obj({
+        "id": STRING,
+        "parameters": obj(parameters, additionalProperties=False),
+        "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": obj(
+            {"name": {"const": INPUT}, "datatype": {"const": "BYTES"}, "shape": sizes, "data": texts},
+            ["name", "datatype", "shape", "data"])},
+        "outputs": {"type": "array", "items": obj({"name": {"const": OUTPUT},
+                                                   "parameters": obj({"binary_data": BOOLEAN})}, ["name"])},
+    }, ["inputs"])
+    answer = obj({"model_name": STRING, "model_version": STRING, "id": STRING, "outputs": {
+        "type": "array", "items": obj({"name": STRING, "datatype": STRING, "shape": {"type": "array", "items": INTEGER},
+                                       "data": STRINGS, "parameters": {"type": "object"}},
+                                      ["name", "datatype", "shape"])}}, ["model_name", "outputs"])
+    model = [{"name": "name", "in": "path", "required": True, "schema": {"enum": [state.name]}}]
+    return {
+        "/v2": get("V2 server metadata", "v2_server",
+                   obj({"name": STRING, "version": STRING, "extensions": STRINGS}, ["name", "version", "extensions"])),
+        "/v2/health/live": get("V2 liveness", "v2_live", obj({"live": BOOLEAN}, ["live"])),
+        "/v2/health/ready": get("V2 readiness (usable as Cloud Run's health check)", "v2_ready",
+                                obj({"ready": BOOLEAN}, ["ready"]), error, (503,)),
+        "/v2/models/{name}": get("V2 model metadata", "v2_model", obj(
+            {"name": STRING, "versions": STRINGS, "platform": STRING,
+             "inputs": {"type": "array", "items": obj({"name": {"const": INPUT}, **tensor})},
+             "outputs": {"type": "array", "items": obj({"name": {"const": OUTPUT}, **tensor})}},
+            ["name", "platform", "inputs", "outputs"]), error, (400,), model),
+        "/v2/models/{name}/ready": get("V2 model readiness", "v2_model_ready",
+                                       obj({"name": STRING, "ready": BOOLEAN}, ["name", "ready"]),
+                                       error, (400,), model),
+        "/v2/models/{name}/infer": {"post": {
+            "summary": "V2 inference: texts in text_input, generated texts in text_output",
+            "operationId": "v2_infer", "parameters": model,
+            "requestBody": {"required": True, "content": json_body(request)},
+            "responses": responses(answer, error, [c for c in GENERATES if c != 415], {
+                **json_body(answer), "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}})}},
+    }

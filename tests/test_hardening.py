@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from app.main import DRAIN_SECONDS
+from app.gate import DRAIN_SECONDS
 from conftest import find_free_port
 from test_server import client_ports, read_sse, running_server, start_server, stop_server, wait_for_new_client, \
     write_random_run
