@@ -7,6 +7,8 @@ import math
 import threading
 import time
 
+from app import metrics
+
 DRAIN_SECONDS = 5  # after SIGTERM, a generation in flight may go on this long; Cloud Run kills at 10 s
 CHECK_SECONDS = 0.25  # how often a long token is interrupted to check for a departed client or SIGTERM
 
@@ -113,6 +115,7 @@ async def steps(request, generation, gate):
             put(_DONE)
 
     threading.Thread(target=work, name="generation", daemon=True).start()
+    timing = metrics.Timing()
     try:
         while True:
             try:
@@ -128,9 +131,11 @@ async def steps(request, generation, gate):
             if isinstance(piece, Exception):
                 raise piece
             if piece is not None:
+                timing.token()
                 yield piece
     finally:
         stop.set()
+        timing.done()
 
 
 async def run(request, generation, gate):

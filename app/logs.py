@@ -1,4 +1,6 @@
-"""JSON-lines logs, one object per line with a `severity` field (Cloud Logging's structured format)."""
+"""JSON-lines logs, one object per line with a `severity` field (Cloud Logging's structured format).
+A request's own fields (its trace, see app/tracing.py) go into every line logged while serving it."""
+import contextvars
 import json
 import logging
 import os
@@ -10,6 +12,8 @@ import ujson
 
 logger = logging.getLogger("app")
 LOG_PROMPTS = os.environ.get("LOG_PROMPTS") == "1"  # else a request's log line has its prompt's length only
+# Fields added to every line logged in this context: set per request (a contextvar follows the request's tasks).
+context = contextvars.ContextVar("log_context", default={})
 
 
 def private(params):
@@ -36,6 +40,7 @@ class JsonFormatter(logging.Formatter):
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "logger": record.name,
         }
+        entry.update(context.get())
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

@@ -210,3 +210,31 @@ def prompt_for(model, values):
 def limits(table, **extra):
     """GET /limits: every parameter's type, default and range, plus model facts."""
     return {**{name: spec.limits() for name, spec in table.items()}, **extra}
+
+
+# Other clients' names for ours: Triton's vLLM backend and generate examples send max_tokens, Hugging
+# Face and MLServer max_new_tokens, and many send stop (a string, or a list of one: the engine stops at one).
+ALIASES = {"max_tokens": "length", "max_new_tokens": "length", "stop": "truncate"}
+
+
+def alias_specs(table):
+    """What each alias takes (for the checks and /openapi.json)."""
+    return {"max_tokens": table["length"], "max_new_tokens": table["length"],
+            "stop": Stop(table["truncate"].max_chars, max_items=1)}
+
+
+def unalias(table, given):
+    """given with the aliases renamed to our names (a stop list to its one string); a value is checked
+    under the name it came with, and one parameter given under two names is a ParamError naming both."""
+    specs, renamed, came_as = alias_specs(table), {}, {}
+    for name, value in given.items():
+        target = ALIASES.get(name, name)
+        if target in came_as:
+            raise ParamError(f"{came_as[target]} and {name} are two names for {target}: give one", name)
+        came_as[target] = name
+        if name in ALIASES and value is not None:
+            value = check({name: specs[name]}, {name: value})[name]
+            if name == "stop":
+                value = value[0] if value else None
+        renamed[target] = value
+    return renamed

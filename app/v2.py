@@ -22,7 +22,7 @@ from app import answers
 from app.engine import Generation
 from app.gate import run
 from app.http import UJSONResponse, json_object, read_body
-from app.params import ParamError, parse, prompt_for
+from app.params import ParamError, alias_specs, parse, prompt_for, unalias
 from app.schema import BOOLEAN, GENERATES, INTEGER, STRING, STRINGS, get, json_body, obj, responses, schema
 
 INPUT, OUTPUT = "text_input", "text_output"
@@ -179,6 +179,7 @@ async def infer(request):
         check_name(request)
         texts, parameters, request_id, binary_out = read_request(
             await read_body(request), request.headers.get("inference-header-content-length"))
+        parameters = unalias(state.table, parameters)  # max_tokens, max_new_tokens, stop
         check_parameters(state.table, parameters)
         runs = []
         for text in texts:
@@ -232,6 +233,7 @@ def paths(state):
              "minItems": 1, "maxItems": 1}
     tensor = {"datatype": {"const": "BYTES"}, "shape": {"const": [-1]}}
     parameters = {n: schema(spec) for n, spec in generation_parameters(state.table).items()}
+    parameters.update({n: schema(spec) for n, spec in alias_specs(state.table).items()})
     parameters["binary_data_output"] = BOOLEAN
     request = obj({
         "id": STRING,
