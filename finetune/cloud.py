@@ -68,12 +68,41 @@ def build_parser():
     return p
 
 
+# What Cloud Run (job names), Artifact Registry (repositories), Cloud Storage (buckets) and Resource
+# Manager (project IDs) accept, per their naming pages. Each value also reaches a gcloud command line
+# or a Cloud Build substitution (`_RUN=...,_REGION=...`, a bash line in cloudbuild.yaml), so nothing
+# else may pass: no comma, quote, `$`, space, or leading '-' (gcloud would read a flag).
+DNS_LABEL = r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?"
+NAME_RULES = {
+    "--job": (DNS_LABEL, "a Cloud Run job name is 1-63 lowercase letters, digits and hyphens, starting "
+                         "with a letter and not ending with a hyphen"),
+    "--repository": (DNS_LABEL, "an Artifact Registry repository name is 1-63 lowercase letters, digits and "
+                                "hyphens, starting with a letter and not ending with a hyphen"),
+    "--project": (r"[a-z][a-z0-9-]{4,28}[a-z0-9]", "a project ID is 6-30 lowercase letters, digits and "
+                                                    "hyphens, starting with a letter and not ending with a hyphen"),
+    "--run-name": (r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", "a run name is 1-63 letters, digits, '.', '_' and '-', "
+                                                       "starting with a letter or digit"),
+    "--bucket": (r"(?=.{3,222}$)[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?)*",
+                 "a Cloud Storage bucket name is 3-63 lowercase letters, digits, '-', '_' and '.' (up to 222 "
+                 "with dots, 63 between two), starting and ending with a letter or digit"),
+}
+
+
+def check_names(args):
+    """Every name that reaches gcloud or Cloud Build, against what the service accepts (UsageError)."""
+    for flag, (pattern, rule) in NAME_RULES.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and not re.fullmatch(pattern, value):
+            raise UsageError(f"{flag} {value!r} is not a valid name: {rule}")
+    if re.fullmatch(r"\d+\.\d+\.\d+\.\d+", args.bucket) or args.bucket.startswith("goog") or "google" in args.bucket:
+        raise UsageError(f"--bucket {args.bucket!r} is not a valid name: Cloud Storage refuses names that look "
+                         "like an IP address, start with 'goog' or hold 'google'")
+
+
 def parse(argv):
     args, rest = build_parser().parse_known_args(argv)
-    bucket = args.bucket.removeprefix("gs://").strip("/")
-    if not bucket or "/" in bucket:
-        raise UsageError(f"--bucket {args.bucket!r} is not a bucket name")
-    args.bucket = bucket
+    bucket = args.bucket = args.bucket.removeprefix("gs://").rstrip("/")
+    check_names(args)
     if args.region not in L4_REGIONS:
         raise UsageError(f"region {args.region} has no L4 GPUs for Cloud Run jobs: choose one of "
                          f"{', '.join(L4_REGIONS)} (https://cloud.google.com/run/docs/configuring/jobs/gpu)")

@@ -173,7 +173,7 @@ def run(args, after_save=None):
     Ctrl-C/SIGTERM save, TrainingFailed when it cannot go on. after_save(run_dir) runs after
     every checkpoint (e.g. an upload)."""
     run_dir = os.path.abspath(os.path.join(args.checkpoint_dir, args.run_name))
-    latest = tf.train.latest_checkpoint(run_dir) if args.restore_from == "latest" else None
+    latest = own_checkpoints(run_dir)[0] if args.restore_from == "latest" else None
     if latest:
         # Resume in place: every write below is a new file or an atomic replace, and the Saver
         # deletes the previous checkpoint only after the new one is complete.
@@ -195,7 +195,7 @@ def run(args, after_save=None):
             base = ensure_model(args.model_dir, args.model, args.model_url)
             for name in TOKENIZER_FILES:
                 shutil.copyfile(os.path.join(base, name), os.path.join(work_dir, name))
-            init_from = tf.train.latest_checkpoint(base)
+            init_from = own_checkpoints(base)[0]
         return Trainer(args, run_dir, work_dir=work_dir, init_from=init_from, after_save=after_save).train()
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)  # gone already once promoted
@@ -313,8 +313,8 @@ class Trainer:
             raise UsageError(f"cannot load checkpoint {self.init_from}: {first_line(e)}") from None
         if self.dir == self.run_dir:  # resuming: continue the counter and the loss curve
             self.start = checkpoint_step(self.init_from)
-            state = tf.train.get_checkpoint_state(self.dir)
-            self.saver.recover_last_checkpoints(list(state.all_model_checkpoint_paths))
+            # The Saver prunes (deletes) what it recovers: only this folder's own files.
+            self.saver.recover_last_checkpoints(own_checkpoints(self.dir)[1])
             self.rows = [r for r in read_loss_csv(self.dir) if r[0] <= self.start]
 
     # -- the loop ------------------------------------------------------------------------------
@@ -422,7 +422,7 @@ class Trainer:
         return float(loss)
 
     def kept(self):
-        latest = tf.train.latest_checkpoint(self.run_dir) if self.dir == self.run_dir else None
+        latest = own_checkpoints(self.run_dir)[0] if self.dir == self.run_dir else None
         return f"{os.path.basename(latest)} in {self.run_dir} is untouched" if latest else "nothing was saved"
 
     # -- outputs -------------------------------------------------------------------------------
@@ -468,6 +468,27 @@ class Trainer:
         os.makedirs(folder, exist_ok=True)
         atomic_write_text(os.path.join(folder, f"samples-{step}"), "\n".join(texts))
         tqdm.write(texts[0][:500])
+
+
+def own_checkpoints(run_dir):
+    """(latest, all) checkpoint prefixes that RUN_DIR/checkpoint names, each taken by its base name
+    inside run_dir and only if its files are there; latest is None when there is none.
+
+    gpt-2-simple's finetune() writes absolute paths for an absolute checkpoint_dir (a Drive folder
+    in Colab): followed as written, a copy of the folder would read, and its Saver would delete,
+    the original's files."""
+    state = tf.train.get_checkpoint_state(run_dir)
+    if state is None:
+        return None, []
+
+    def here(path):
+        prefix = os.path.join(run_dir, os.path.basename(path))
+        return prefix if os.path.isfile(prefix + ".index") else None
+
+    latest = here(state.model_checkpoint_path)
+    found = [here(p) for p in state.all_model_checkpoint_paths]
+    kept = list(dict.fromkeys(p for p in found if p and p != latest))  # oldest first, the latest last
+    return latest, kept + [latest] if latest else kept
 
 
 def checkpoint_step(prefix):

@@ -161,6 +161,47 @@ def test_colab_run_continues_here(tiny_run, tmp_path, tiny_corpus):
     assert json.loads((run / "weights" / "manifest.json").read_text())["checkpoint"] == "model-4"
 
 
+def name_absolute_paths(run, folder):
+    """RUN/checkpoint as TensorFlow's Saver writes it for an absolute save folder (gpt-2-simple's
+    finetune() with an absolute checkpoint_dir, e.g. a Drive folder in Colab): absolute paths into folder."""
+    (run / "checkpoint").write_text(f'model_checkpoint_path: "{folder}/model-100"\n'
+                                    f'all_model_checkpoint_paths: "{folder}/model-100"\n')
+
+
+def test_training_a_copy_never_touches_the_original(tiny_run, tmp_path, tiny_corpus):
+    original = tmp_path / "drive" / "run1"
+    shutil.copytree(tiny_run, original)
+    name_absolute_paths(original, original)
+    before = tree_digest(original)
+    copy = tmp_path / "local" / "run1"
+    shutil.copytree(original, copy)
+    # three saves with --max-checkpoints 2: the Saver deletes what it recovered (model-100) and model-101
+    result = run_finetune(*TINY_MODEL_ARGS, "--dataset", tiny_corpus, "--checkpoint-dir", copy.parent,
+                          "--steps", "3", "--save-every", "1", "--max-checkpoints", "2",
+                          "--accumulate-gradients", "1", "--sample-every", "0")
+    assert result.returncode == 0, result.stderr
+    assert tree_digest(original) == before
+    assert f"Loading checkpoint {copy}/model-100\n" in result.stdout  # its own files, not the original's
+    assert sorted(p.name for p in copy.glob("model-*.index")) == ["model-102.index", "model-103.index"]
+    assert (copy / "checkpoint").read_text() == ('model_checkpoint_path: "model-103"\n'
+                                                 'all_model_checkpoint_paths: "model-102"\n'
+                                                 'all_model_checkpoint_paths: "model-103"\n')
+    assert [r[0] for r in read_loss(copy)][-3:] == [101, 102, 103]
+
+
+def test_a_colab_run_with_absolute_paths_resumes(tiny_run, tmp_path, tiny_corpus):
+    """Its checkpoint file names /content/drive/...: found by base name in the folder, not refused."""
+    run = tmp_path / "run1"
+    shutil.copytree(tiny_run, run)
+    name_absolute_paths(run, "/content/drive/MyDrive/checkpoint/run1")
+    result = run_finetune(*TINY_MODEL_ARGS, "--dataset", tiny_corpus, "--checkpoint-dir", tmp_path,
+                          "--steps", "1", "--accumulate-gradients", "1", "--sample-every", "0")
+    assert result.returncode == 0, result.stderr
+    assert (run / "counter").read_text() == "101\n"
+    assert (run / "checkpoint").read_text().splitlines()[0] == 'model_checkpoint_path: "model-101"'
+    assert not (run / "model-100.index").exists()
+
+
 def test_a_failed_fresh_run_leaves_the_previous_checkpoint_intact(tiny_run, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_run, ckpt / "run1")

@@ -123,6 +123,60 @@ def test_cloud_bad_input(bucket, args, message, dry_run):
     assert result.stderr.splitlines() == [message.format(**names)]
 
 
+JOB_RULE = ("a Cloud Run job name is 1-63 lowercase letters, digits and hyphens, starting with a letter and not "
+            "ending with a hyphen")
+REPOSITORY_RULE = ("an Artifact Registry repository name is 1-63 lowercase letters, digits and hyphens, starting "
+                   "with a letter and not ending with a hyphen")
+RUN_RULE = "a run name is 1-63 letters, digits, '.', '_' and '-', starting with a letter or digit"
+BUCKET_RULE = ("a Cloud Storage bucket name is 3-63 lowercase letters, digits, '-', '_' and '.' (up to 222 with "
+               "dots, 63 between two), starting and ending with a letter or digit")
+PROJECT_RULE = ("a project ID is 6-30 lowercase letters, digits and hyphens, starting with a letter and not ending "
+                "with a hyphen")
+BAD_NAMES = [  # each would reach gcloud's command line or a Cloud Build substitution
+    ("--run-name", "x,_REGION=evil", RUN_RULE),  # one more substitution in the deploy command
+    ("--run-name", "$(id)", RUN_RULE),  # cloudbuild.yaml puts _RUN into a bash line
+    ("--run-name", "-x", RUN_RULE),
+    ("--run-name", "a" * 64, RUN_RULE),
+    ("--job", "--impersonate-service-account=x@y.iam.gserviceaccount.com", JOB_RULE),  # a gcloud flag
+    ("--job", "Gpt2", JOB_RULE),
+    ("--job", "gpt2-", JOB_RULE),
+    ("--job", "a" * 64, JOB_RULE),
+    ("--repository", "gpt2,_IMAGE=evil", REPOSITORY_RULE),
+    ("--repository", "-gpt2", REPOSITORY_RULE),
+    ("--project", "my-project,_X=y", PROJECT_RULE),
+    ("--project", "--verbosity=debug", PROJECT_RULE),
+    ("--bucket", "b,_RUN=x", BUCKET_RULE),
+    ("--bucket", "-bucket", BUCKET_RULE),
+    ("--bucket", "My-Bucket", BUCKET_RULE),
+    ("--bucket", "ab", BUCKET_RULE),
+    ("--bucket", "a/b", BUCKET_RULE),
+    ("--bucket", "192.168.5.4", "Cloud Storage refuses names that look like an IP address, start with 'goog' or "
+                                "hold 'google'"),
+    ("--bucket", "my-google-runs", "Cloud Storage refuses names that look like an IP address, start with 'goog' "
+                                   "or hold 'google'"),
+]
+
+
+@pytest.mark.parametrize("flag,value,rule", BAD_NAMES, ids=[f"{f}={v[:20]}" for f, v, _ in BAD_NAMES])
+def test_a_name_that_a_cloud_service_refuses_is_one_line(bucket, flag, value, rule):
+    b, env = bucket
+    env["PATH"] = os.path.dirname(sys.executable)  # no gcloud: refused before anything runs
+    args = {"--bucket": b.name, "--dataset": f"gs://{b.name}/corpus.txt", flag: value}
+    result = cloud(*[f"{k}={v}" for k, v in args.items()], "--dry-run", env=env)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: {flag} {value!r} is not a valid name: {rule}"]
+    assert result.stdout == ""
+
+
+def test_names_the_services_accept_pass():
+    from finetune.cloud import parse
+
+    args = parse(["--bucket", "gs://runs_2026.example.com/", "--dataset", "gs://runs_2026.example.com/c.txt",
+                  "--run-name", "AITA_v2.1-final", "--job", "j" + "a" * 62, "--repository", "gpt2-models",
+                  "--project", "my-project-123"])
+    assert (args.bucket, args.run_name, args.job) == ("runs_2026.example.com", "AITA_v2.1-final", "j" + "a" * 62)
+
+
 def test_without_gcloud_a_real_run_says_how_to_get_it(bucket):
     b, env = bucket
     env["PATH"] = os.path.dirname(sys.executable)

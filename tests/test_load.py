@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 from datetime import datetime, timezone
@@ -146,8 +147,9 @@ def test_load_comments_exact_rows_partitioned_table_and_reload(bigquery, comment
     assert result.stdout.splitlines()[0] == f"{comments_file}: comments"
     assert f"{comments_file.name}: 100%" in result.stderr and "5 rows kept" in result.stderr  # the progress bar
     assert figures(result.stdout) == {
-        "lines": 12, "bad: not JSON": 2, "bad: not an object": 1, "bad: missing field": 1, "bad: wrong type": 3,
-        "skipped: other subreddits": 0, "staged": 5, "added to the table": 5, "already there or repeated": 0}
+        "lines": 12, "bad: too long": 0, "bad: not JSON": 2, "bad: not an object": 1, "bad: missing field": 1,
+        "bad: wrong type": 3, "repaired: lone surrogates": 0, "skipped: other subreddits": 0, "staged": 5,
+        "added to the table": 5, "already there or repeated": 0}
     assert rows(bigquery, table) == EXPECTED_COMMENTS
     created = bigquery.client(PROJECT).get_table(table)
     assert (created.time_partitioning.type_, created.time_partitioning.field) == ("MONTH", "created_utc")
@@ -302,3 +304,157 @@ def test_missing_file_one_line(tmp_path):
     result = run_load(tmp_path / "RC_2019-01.zst", "--table", f"{PROJECT}.reddit.comments")
     assert result.returncode == 2
     assert result.stderr == (f"python -m data.load: error: {tmp_path}/RC_2019-01.zst: no such file (see --help)\n")
+
+
+# ---------------------------------------------------------------- hostile files
+
+
+def write_runs(path, parts, window_log=20):
+    """A dump file from parts: bytes, or (byte, count) for a run written in pieces (a 256 MB run of
+    newlines compresses to a few KB). A small window keeps the decoder's own memory out of the peaks."""
+    params = zstandard.ZstdCompressionParameters.from_level(19, window_log=window_log)
+    with open(path, "wb") as f, zstandard.ZstdCompressor(compression_params=params).stream_writer(f) as out:
+        for part in parts:
+            if isinstance(part, tuple):
+                byte, count = part
+                for start in range(0, count, 1 << 20):
+                    out.write(byte * min(1 << 20, count - start))
+            else:
+                out.write(part)
+    return path
+
+
+def line(record, **dump_options):
+    return (json.dumps(record, **dump_options) + "\n").encode("utf-8")
+
+
+def load_with_peak(*args):
+    """Run data.load; return (exit status, stdout, stderr, peak resident MB). The peak is the child's
+    VmHWM, read until it exits: its ru_maxrss would include this process's memory at the fork."""
+    with open(os.devnull, "w") as null, tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        env = {k: v for k, v in os.environ.items() if k != "BIGQUERY_EMULATOR_HOST"}
+        proc = subprocess.Popen([sys.executable, "-m", "data.load", *map(str, args), "--quiet"], cwd=ROOT, env=env,
+                                stdin=null, stdout=out, stderr=err)
+        peak, deadline = 0, time.monotonic() + 120
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "data.load did not finish in 2 minutes"
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                peak = max(peak, int(status.split("VmHWM:")[1].split()[0]) / 1024)
+            except (OSError, IndexError):  # exiting: its memory is gone already
+                pass
+            time.sleep(0.005)
+        out.seek(0), err.seek(0)
+        return proc.returncode, out.read(), err.read(), peak
+
+
+def test_hostile_file_in_bounded_memory(bigquery, tmp_path):
+    """256 MiB of empty lines and a 200 MB line (of letters, over the 10 MB limit) cost a few MB; a line
+    just under the limit (UCS-4 text with a lone surrogate: the costliest to parse and write) loads
+    within the stated bound of about 200 MB over a small file's peak."""
+    table = f"{PROJECT}.hostile.comments"
+    small = write_runs(tmp_path / "small.zst", [line(comment(1, "small"))])
+    status, _, stderr, baseline = load_with_peak(small, "--table", table, "--endpoint", bigquery.url)
+    assert status == 0, stderr
+
+    hostile = write_runs(tmp_path / "hostile.zst", [
+        line(comment(2, "before")), (b"\n", 256 << 20), (b"a", 200 * 10**6), b"\n",
+        (b"b", load.MAX_LINE + 1), b"\n", (b"c", load.MAX_LINE), b"\n", line(comment(3, "after"))])
+    assert hostile.stat().st_size < 40_000
+    status, stdout, stderr, peak = load_with_peak(hostile, "--table", table, "--endpoint", bigquery.url)
+    assert (status, stderr) == (0, "")
+    counts = figures(stdout)
+    assert (counts["lines"], counts["bad: too long"], counts["bad: not JSON"], counts["staged"]) == (5, 2, 1, 2)
+    assert peak - baseline < 40, f"{peak:.0f} MB against {baseline:.0f} MB for a small file"  # measured: +14 MB
+
+    body = "y" * (load.MAX_LINE - 200_000) + "\U0001F600\ud83d"
+    longest = write_runs(tmp_path / "longest.zst", [line(comment(4, body))])
+    status, stdout, stderr, peak = load_with_peak(longest, "--table", table, "--endpoint", bigquery.url)
+    assert (status, stderr) == (0, "")
+    assert figures(stdout)["repaired: lone surrogates"] == 1
+    assert peak - baseline < 250, f"{peak:.0f} MB against {baseline:.0f} MB for a small file"  # measured: +175 MB
+    assert rows(bigquery, table, "id, LENGTH(body)") == [("c1", 5), ("c2", 6), ("c3", 5), ("c4", len(body))]
+
+
+def test_a_long_line_takes_linear_time(tmp_path):
+    """Four times the line, about four times the time (it was quadratic: 50 MB 9.7 s, 200 MB 180 s)."""
+    files = {size: write_runs(tmp_path / f"{size}.zst", [(b"a", size), b"\n", line(comment(1, "x"))])
+             for size in (40 * 10**6, 160 * 10**6)}
+    best = dict.fromkeys(files, float("inf"))
+    for _ in range(3):  # interleaved, the best of three: the machine is shared
+        for size, path in files.items():
+            began = time.perf_counter()
+            assert len(list(load.dump_lines(path))) == 2
+            best[size] = min(best[size], time.perf_counter() - began)
+    ratio = best[160 * 10**6] / best[40 * 10**6]
+    assert ratio < 6, f"{best}: {ratio:.1f}x for a line 4x longer"
+
+
+def test_odd_lines_are_bad_lines_or_repaired_never_a_traceback(bigquery, tmp_path):
+    cut_emoji = json.dumps(comment(1, "a cut emoji \ud83d"))  # ensure_ascii: the escape "\ud83d", as dumps hold it
+    assert "\\ud83d" in cut_emoji
+    dump = write_dump(tmp_path / "odd.zst", [
+        cut_emoji,
+        json.dumps(comment(2, "a whole emoji \U0001F600 escaped")),
+        '{"id": "c3", "nested": ' + "[" * 1000 + "]" * 1000 + "}",
+        json.dumps(comment(4, "digits", created="1546300800")),
+        json.dumps(comment(5, "underscores", created="1_546_300_800")),
+        json.dumps(comment(6, "Arabic-Indic digits", created="\u0661\u0665\u0664\u0666\u0663\u0660\u0660\u0668\u0660\u0660")),
+        json.dumps(comment(7, "padded", created=" 1546300800")),
+        json.dumps(comment(8, "a sign", created="+1546300800")),
+        json.dumps(comment(9, "a fraction as text", created="1546300800.5")),
+    ])
+    table = f"{PROJECT}.odd.comments"
+    result = run_load(dump, "--table", table, "--endpoint", bigquery.url, "--quiet")
+    assert (result.returncode, result.stderr) == (0, "")
+    counts = figures(result.stdout)
+    assert (counts["lines"], counts["bad: not JSON"], counts["bad: wrong type"], counts["repaired: lone surrogates"],
+            counts["staged"]) == (9, 1, 5, 1, 3)
+    assert rows(bigquery, table, "id, body, created_utc") == [
+        ("c1", "a cut emoji \ufffd", ts(1546300800)), ("c2", "a whole emoji \U0001F600 escaped", ts(1546300800)),
+        ("c4", "digits", ts(1546300800))]
+
+
+def test_duplicate_ids_across_files_the_first_loaded_wins(bigquery, tmp_path):
+    """Edited or re-scraped records: the same id with another created_utc and body, the second file's
+    months apart from the first's (the MERGE looked only at the new file's months)."""
+    first = write_dump(tmp_path / "RC_2019-01.zst", [
+        json.dumps(comment(1, "original")), json.dumps(comment(2, "original"))])
+    second = write_dump(tmp_path / "RC_2019-03.zst", [
+        json.dumps(comment(1, "edited", created=1551398400)),
+        json.dumps(comment(3, "first line of c3", created=1551398400)),
+        json.dumps(comment(2, "re-scraped", created=1554076800)),
+        json.dumps(comment(3, "second line of c3", created=1551398401))])
+    table = f"{PROJECT}.duplicates.comments"
+    result = run_load(first, second, "--table", table, "--endpoint", bigquery.url, "--quiet")
+    assert (result.returncode, result.stderr) == (0, "")
+    expected = [("c1", "original", ts(1546300800)), ("c2", "original", ts(1546300800)),
+                ("c3", "first line of c3", ts(1551398400))]
+    assert rows(bigquery, table, "id, body, created_utc") == expected
+    again = run_load(second, first, "--table", table, "--endpoint", bigquery.url, "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert rows(bigquery, table, "id, body, created_utc") == expected
+
+
+def test_a_file_that_yields_no_rows_is_an_error(bigquery, tmp_path):
+    table = f"{PROJECT}.nothing.comments"
+    empty = tmp_path / "RC_empty.zst"
+    empty.write_bytes(b"")
+    blank = write_dump(tmp_path / "RC_blank.zst", ["", "   ", ""])
+    bad = write_dump(tmp_path / "RC_bad.zst", ["{not json", "[1]", json.dumps(comment(1, "x", created="soon"))])
+    posts = write_dump(tmp_path / "RS.zst", [json.dumps(p) for p in POSTS])
+    good = write_dump(tmp_path / "RC_good.zst", [json.dumps(comment(5, "loaded"))])
+    result = run_load(empty, bad, good, blank, "--table", table, "--endpoint", bigquery.url, "--quiet")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: {empty}: no rows: the file holds no lines",
+        f"error: {bad}: no rows: all 3 lines are bad (most: not JSON)",
+        f"error: {blank}: no rows: the file holds no lines"]
+    assert rows(bigquery, table, "id") == [("c5",)]  # the good file was loaded all the same
+
+    result = run_load(posts, "--kind", "comments", "--table", table, "--endpoint", bigquery.url, "--quiet")
+    assert (result.returncode, result.stderr) == (
+        1, f"error: {posts}: no rows: all 4 lines are bad (most: missing field); is it a file of posts, not comments?\n")
+    result = run_load(good, "--subreddit", "AskReddit", "--table", table, "--endpoint", bigquery.url, "--quiet")
+    assert (result.returncode, result.stderr) == (
+        1, f"error: {good}: no rows: none of its 1 records is of the --subreddit given\n")
