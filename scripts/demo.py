@@ -186,7 +186,7 @@ def main():
         return 1
     except KeyboardInterrupt:
         if serving:  # the way the demo ends: not an error, so `make demo` reports none
-            print("\ndemo: stopped the server (Ctrl-C)", file=sys.stderr)
+            print("\ndemo: stopped the server; done", file=sys.stderr)
             return 0
         print("\ndemo: interrupted; stopping everything it started ...", file=sys.stderr)
         return 130
