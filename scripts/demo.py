@@ -4,14 +4,15 @@
    (data/sample/reddit_comments.zst and reddit_submissions.zst: made-up comments and posts shaped like
    the Pushshift / Arctic Shift archives),
 2. extracts r/AmItheAsshole comments from 2019 matching (?i)\\bYTA\\b with `python -m data.extract`,
-3. trains a small GPT-2 from scratch on them for a few minutes with `python -m finetune --from-scratch`
-   (which also exports the weights the server loads),
-4. serves it with `python -m app` on http://localhost:8080 until Ctrl-C.
+3. trains a small GPT-2 from scratch on them with `python -m finetune --from-scratch` (which also
+   exports the weights the server loads); after 3 steps it prints the time left, measured as it runs,
+4. serves it with `python -m app` on http://localhost:8080 (127.0.0.1 only; --host to choose) until Ctrl-C.
 
 Everything is written under .demo/ (corpus.txt, checkpoint/run1, the emulator's log; --dir to choose),
 never to data/corpus.txt or checkpoint/run1, so a real corpus or model is left alone; each run replaces
 the previous demo's corpus and run folder there.
-Ctrl-C at any point stops every process the demo started.
+Ctrl-C at any point stops every process the demo started; while serving, that is how the demo ends
+(exit status 0; before that, 130).
 """
 import argparse
 import json
@@ -33,14 +34,16 @@ from data.extract import whole_number  # noqa: E402
 
 DEMO = ROOT / ".demo"
 SUBREDDIT, MATCH, SINCE = "AmItheAsshole", r"(?i)\bYTA\b", "2019-01"
-# ~0.45 s a step on two CPU cores: 400 steps take about three minutes. The comments are short,
-# so 256-token windows hold several of them.
-MODEL = ["--from-scratch", "--n-layer", "4", "--n-embd", "256", "--n-head", "8", "--vocab-size", "2000",
+# The comments are short, so 256-token windows hold several of them. How long 400 steps take depends
+# on the machine and its load: the training prints its own estimate after 3 steps.
+VOCAB = 2000  # the tokenizer's upper bound; the sample's small vocabulary fills fewer
+MODEL = ["--from-scratch", "--n-layer", "4", "--n-embd", "256", "--n-head", "8", "--vocab-size", str(VOCAB),
          "--n-ctx", "256"]
 TRAIN = ["--batch-size", "8", "--accumulate-gradients", "1", "--learning-rate", "0.001",
          "--sample-every", "0", "--save-every", "0", "--seed", "1"]
 
 started = []  # every process the demo started, stopped on the way out
+serving = []  # the server, once it serves: Ctrl-C then is the demo's normal end
 
 
 class DemoError(Exception):
@@ -112,7 +115,9 @@ def demo(args):
     stage(1, "Starting a local BigQuery emulator (bqemulator) and loading the bundled sample dump files into it")
     with Emulator(log_path=workdir / "bqemulator.log") as emulator:
         started.append(emulator.process)
-        print(f"  emulator on {emulator.url} (log {shown(emulator.log_path)})")
+        print(f"  emulator on {emulator.url} (log {shown(emulator.log_path)})\n"
+              "  Each sample file holds one corrupt line on purpose, as real dumps do: the summary counts it\n"
+              "  under `bad: not JSON` and the load skips it.")
         for path, table in SAMPLE.items():
             run([sys.executable, "-m", "data.load", shown(path), "--table", f"{SAMPLE_PROJECT}.{table}",
                  "--endpoint", emulator.url, "--quiet"], "loading the sample")
@@ -123,20 +128,27 @@ def demo(args):
              "--subreddit", SUBREDDIT, "--since", SINCE, "--match", MATCH, "--out", shown(corpus)], "the extraction")
     print(f"  stopped the emulator ({time.monotonic() - began:.0f} s so far)")
 
-    stage(3, f"Training a small GPT-2 from scratch for {args.steps} steps (a few minutes on two cores), "
-             f"then exporting it to {shown(run_dir)}/weights")
+    stage(3, f"Training a small GPT-2 from scratch for {args.steps} steps, then exporting it to {shown(run_dir)}/weights")
+    print(f"  First a tokenizer is trained on the corpus: up to {VOCAB} tokens are allowed, and the sample's\n"
+          "  small vocabulary fills fewer (the model's n_vocab below). After 3 steps the training prints\n"
+          "  the time left, measured on this machine as it runs.", flush=True)
+    trained = time.monotonic()
     run([sys.executable, "-m", "finetune", *MODEL, "--dataset", shown(corpus), "--steps", str(args.steps),
          *TRAIN, "--run-name", run_dir.name, "--checkpoint-dir", shown(run_dir.parent)], "fine-tuning")
+    print(f"  trained and exported in {time.monotonic() - trained:.0f} s")
     if (run_dir / "loss.png").exists():
         print(f"  loss curve: {shown(run_dir / 'loss.png')}")
 
-    stage(4, f"Serving {shown(run_dir)} with `python -m app` on port {args.port}")
-    server = start([sys.executable, "-m", "app"], env={"MODEL_DIR": shown(run_dir), "PORT": str(args.port)})
-    base = f"http://localhost:{args.port}"
-    wait_for_server(server, f"http://127.0.0.1:{args.port}/")
+    stage(4, f"Serving {shown(run_dir)} with `python -m app` on {args.host}, port {args.port}")
+    server = start([sys.executable, "-m", "app"],
+                   env={"MODEL_DIR": shown(run_dir), "PORT": str(args.port), "HOST": args.host})
+    local = args.host in ("127.0.0.1", "0.0.0.0")
+    base = f"http://{'localhost' if local else args.host}:{args.port}"
+    reach = f"http://{'127.0.0.1' if local else args.host}:{args.port}"  # what the demo itself calls
+    wait_for_server(server, f"{reach}/")
     # gpt-2-simple's idiom: start at <|startoftext|>, cut at <|endoftext|>, as the corpus is written
     one_comment = "prefix=%3C%7Cstartoftext%7C%3E&truncate=%3C%7Cendoftext%7C%3E&include_prefix=false"
-    with urllib.request.urlopen(f"http://127.0.0.1:{args.port}/?{one_comment}&length=80&seed=1", timeout=60) as r:
+    with urllib.request.urlopen(f"{reach}/?{one_comment}&length=80&seed=1", timeout=60) as r:
         first = json.load(r)
     print(f"\nReady in {time.monotonic() - began:.0f} s. A first generated comment:\n  {first['text']}\n")
     print(f"Open {base}/ui/ for the page, or try:\n"
@@ -146,6 +158,7 @@ def demo(args):
           "-d '{\"length\": 80, \"temperature\": 0.9, \"prefix\": \"YTA.\"}'\n"
           f"  {base}/limits   (every parameter and its allowed range)\n"
           "Ctrl-C stops the server.", flush=True)
+    serving.append(server)
     server.wait()
     if server.returncode not in (0, None):
         raise DemoError(f"the server stopped with status {server.returncode}")
@@ -158,7 +171,9 @@ def interrupted(signum, frame):
 def main():
     p = argparse.ArgumentParser(prog="scripts/demo.py", description=__doc__.splitlines()[0])
     p.add_argument("--port", type=whole_number, default=8080, help="port to serve on (default 8080)")
-    p.add_argument("--steps", type=whole_number, default=400, help="training steps (default 400, about three minutes)")
+    p.add_argument("--steps", type=whole_number, default=400, help="training steps (default 400)")
+    p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"),
+                   help="address to serve on (default $HOST, else 127.0.0.1: this machine only; 0.0.0.0: every interface)")
     p.add_argument("--dir", type=Path, default=DEMO, help="folder for the corpus, checkpoint/run1 and the emulator's log (default .demo)")
     args = p.parse_args()
     if args.steps < 1 or not 0 < args.port < 65536:
@@ -170,7 +185,10 @@ def main():
         print(f"demo: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ndemo: stopping everything it started ...", file=sys.stderr)
+        if serving:  # the way the demo ends: not an error, so `make demo` reports none
+            print("\ndemo: stopped the server; done", file=sys.stderr)
+            return 0
+        print("\ndemo: interrupted; stopping everything it started ...", file=sys.stderr)
         return 130
     finally:
         stop_all()

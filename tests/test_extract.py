@@ -558,8 +558,11 @@ def test_demo_end_to_end_then_ctrl_c(tmp_path):
             assert isinstance(json.load(r)["text"], str)
         children = psutil.Process(demo.pid).children(recursive=True)
         assert children  # the server, at least
+        server = next(c for c in children if c.cmdline()[1:3] == ["-m", "app"])
+        assert {c.laddr.ip for c in server.net_connections("inet") if c.status == "LISTEN"} == {"127.0.0.1"}
         os.killpg(demo.pid, signal.SIGINT)
-        assert demo.wait(timeout=30) == 130
+        assert demo.wait(timeout=30) == 0  # Ctrl-C while serving is the demo's normal end
+        assert "demo: stopped the server; done" in (tmp_path / "demo.log").read_text()
         gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, alive
     finally:
