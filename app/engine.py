@@ -118,7 +118,7 @@ class GPT2:
         if self.llama.n_vocab != self.n_vocab:
             raise ModelError(f"the exported model has {self.llama.n_vocab} tokens, hparams.json {self.n_vocab}: {fix}")
         try:
-            self.tokenizer = Tokenizer(run_dir, self.n_vocab)
+            self.tokenizer = Tokenizer(run_dir, self.n_vocab, self.llama)
         except Exception as e:  # tokenizers raises its own exception types for bad files
             raise ModelError(f"the tokenizer files in {run_dir} are corrupt ({e})") from None
         if self.tokenizer.end_token is None:

@@ -1,7 +1,8 @@
 """GPT-2's forward pass in llama.cpp, in-process through llama-cpp-python's C bindings.
 
-Only token ids go in and logits come out: tokenizing, sampling and text stay in app/engine.py,
-so every API parameter means what it meant with gpt-2-simple. The GGUF file is memory-mapped
+Token ids go in and logits come out: sampling and text stay in app/engine.py, so every API
+parameter means what it meant with gpt-2-simple. The GGUF file carries the run's vocabulary, and
+its tokenizer (GPT-2's byte-level BPE) is used from here by app/tokenizer.py. The GGUF file is memory-mapped
 (never rewritten in place: see finetune/export.py). Samples of one request are sequences 0..B-1
 of one key/value cache; the prompt is computed once, in sequence 0, and shared with the others.
 The cache holds n_ctx positions in all: a request's samples share the model's context (the API's
@@ -12,10 +13,28 @@ operation by spinning, so a thread that is not scheduled stalls every token (mea
 token instead of 1-2 with 2 threads on a busy 2-core machine).
 """
 import ctypes
+import importlib
+import importlib.util
+import sys
 
 import numpy as np
 
-import llama_cpp as L
+
+def _bindings():
+    """llama-cpp-python's ctypes bindings of llama.h (llama_cpp.llama_cpp), without running the
+    package's __init__, which also imports its high-level Llama class and with it jinja2 and more
+    (measured: 4-5 MB and 50-130 ms of a cold start). A later `import llama_cpp` (a test, a script)
+    runs that __init__, which reuses these bindings."""
+    if "llama_cpp" not in sys.modules:
+        sys.modules["llama_cpp"] = importlib.util.module_from_spec(importlib.util.find_spec("llama_cpp"))
+        try:
+            return importlib.import_module("llama_cpp.llama_cpp")
+        finally:
+            del sys.modules["llama_cpp"]
+    return importlib.import_module("llama_cpp.llama_cpp")
+
+
+L = _bindings()
 
 
 GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum ggml_log_level
@@ -35,7 +54,8 @@ def _log(level, text, user_data):
 
 
 class LlamaModel:
-    """A GGUF model, and a context for up to `n_seqs` sequences of up to `n_ctx` positions each."""
+    """A GGUF model, and a context for up to `n_seqs` sequences of up to `n_ctx` positions each;
+    with n_ctx None, the model's vocabulary alone (for tokenize and piece)."""
 
     def __init__(self, path, n_ctx, n_seqs, threads):
         self.n_vocab = 0
@@ -43,10 +63,16 @@ class LlamaModel:
         L.llama_log_set(_log, None)
         L.llama_backend_init()
         _errors.clear()
-        self.model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+        params = L.llama_model_default_params()
+        params.vocab_only = n_ctx is None
+        self.model = L.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise LlamaError(f"llama.cpp cannot load {path}: {' '.join(_errors) or 'unknown error'}")
-        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self._piece = ctypes.create_string_buffer(256)
+        if n_ctx is None:
+            return
         params = L.llama_context_default_params()
         params.n_ctx = params.n_batch = n_ctx  # a whole prompt in one llama_decode
         params.n_seq_max = n_seqs
@@ -88,6 +114,24 @@ class LlamaModel:
         """Token i goes to sequence i at position `pos`: the next logits [B, V]."""
         n = len(tokens)
         return self._decode([int(t) for t in tokens], [pos] * n, range(n), [True] * n)
+
+    def tokenize(self, text):
+        """GPT-2's byte-level BPE of `text` with the model's vocabulary: no special tokens (an
+        "<|endoftext|>" in the text is ordinary pieces) and none added."""
+        data = text.encode("utf-8")
+        ids = (L.llama_token * (len(data) + 1))()  # a token is at least one byte
+        n = L.llama_tokenize(self.vocab, data, len(data), ids, len(ids), False, False)
+        if n < 0:
+            raise LlamaError(f"llama_tokenize failed ({n})")
+        return ids[:n]
+
+    def piece(self, token):
+        """The bytes token id `token` stands for ("<|endoftext|>" for the end token)."""
+        n = L.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, True)
+        if n < 0:  # a longer piece than the buffer: -n is its length
+            self._piece = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, True)
+        return self._piece.raw[:n]
 
     def __del__(self):
         if getattr(self, "ctx", None):

@@ -1,38 +1,26 @@
-"""GPT-2 byte-level BPE, read from a run's encoder.json + vocab.bpe.
+"""GPT-2 byte-level BPE: a run's encoder.json + vocab.bpe, as its GGUF export carries them.
 
-Encoding uses the `tokenizers` library (Rust), set up to match gpt-2-simple's Encoder exactly:
-GPT-2's split regex, no prefix space, and no special tokens ("<|endoftext|>" in a prompt is
-encoded as ordinary pieces, as gpt-2-simple does). Decoding maps each id to its bytes, so a
-stream of ids can be turned into text incrementally (see TextDecoder).
+Encoding and decoding use llama.cpp's tokenizer on the vocabulary the model file already holds
+(app/llama_engine.py), which gives the same ids as gpt-2-simple's Encoder (GPT-2's split regex, no
+prefix space, no special tokens: "<|endoftext|>" in a prompt is encoded as ordinary pieces; tests
+compare the two). A second BPE of our own would cost the cold start 0.1-0.2 s and the process
+25 MB (measured with the `tokenizers` library on the 124M vocabulary). Each id's bytes are looked up
+once, when first decoded, so a stream of ids can be turned into text incrementally (see TextDecoder).
 """
 import codecs
 import json
-from functools import lru_cache
 from pathlib import Path
+
+from app.llama_engine import LlamaModel
 
 END_OF_TEXT = "<|endoftext|>"
 
 
-@lru_cache()
-def bytes_to_unicode():
-    """GPT-2's reversible byte <-> printable-character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 class Tokenizer:
-    def __init__(self, run_dir, n_vocab=None):
-        """ValueError when the files are corrupt, or encoder.json has ids outside the model's 0..n_vocab-1
-        (checked before anything is sized by them)."""
-        from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
-
+    def __init__(self, run_dir, n_vocab=None, model=None):
+        """`model`: the run's LlamaModel; without one, the vocabulary is read from the run's GGUF file.
+        ValueError when encoder.json is corrupt, or has ids outside the model's 0..n_vocab-1 (the
+        export no longer matches the run's files)."""
         run_dir = Path(run_dir)
         encoder = json.loads((run_dir / "encoder.json").read_text(encoding="utf-8"))
         if not isinstance(encoder, dict) or not encoder:
@@ -41,25 +29,27 @@ class Tokenizer:
             if type(i) is not int or i < 0 or (n_vocab is not None and i >= n_vocab):
                 raise ValueError(f"encoder.json gives {piece!r} the id {i!r}, outside the model's vocabulary "
                                  f"(n_vocab {n_vocab})")
-        bpe_data = (run_dir / "vocab.bpe").read_text(encoding="utf-8")
-        # Same parsing as gpt-2-simple: the first line is a header, the last one is empty.
-        merges = [tuple(line.split()) for line in bpe_data.split("\n")[1:-1]]
-        self._tok = HFTokenizer(models.BPE(vocab=encoder, merges=merges))
-        self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-
-        # Each piece's characters stand for bytes: map them back to chars 0-255, then to bytes.
-        to_bytes = {ord(c): b for b, c in bytes_to_unicode().items()}
         self.n_vocab = max(encoder.values()) + 1
-        self.token_bytes = [b""] * self.n_vocab
-        for piece, i in encoder.items():
-            self.token_bytes[i] = piece.translate(to_bytes).encode("latin-1")
         self.end_token = encoder.get(END_OF_TEXT)
+        del encoder  # 50,000 strings: gone before the model's memory is counted
+        if model is None:
+            weights = run_dir / "weights"
+            model = LlamaModel(weights / json.loads((weights / "manifest.json").read_text())["gguf"], None, 0, 0)
+        self._model = model
+        self._bytes = {}  # id -> bytes, filled as ids are decoded
 
     def encode(self, text):
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._model.tokenize(text)
+
+    def token_bytes(self, token_id):
+        """The bytes `token_id` stands for; b"" for an id outside the vocabulary."""
+        piece = self._bytes.get(token_id)
+        if piece is None:
+            piece = self._bytes[token_id] = self._model.piece(token_id) if 0 <= token_id < self.n_vocab else b""
+        return piece
 
     def decode(self, ids):
-        return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
+        return b"".join(map(self.token_bytes, ids)).decode("utf-8", errors="replace")
 
 
 class TextDecoder:
@@ -70,7 +60,7 @@ class TextDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, token_id):
-        return self._utf8.decode(self._bytes[token_id] if token_id < len(self._bytes) else b"")
+        return self._utf8.decode(self._bytes(token_id))
 
     def flush(self):
         return self._utf8.decode(b"", final=True)

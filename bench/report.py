@@ -7,6 +7,8 @@ NAMES = {"baseline": "gpt-2-simple", "ours": "our server"}
 NUMPY_ENGINE = {"tokens_per_s": 50.4, "cold_start_s": 1.11, "peak_rss_mb": 588, "source": "bench/results/2026-11-23.md"}
 TARGETS = {"speedup_numpy": 2.3, "vs_llama": 0.9, "cold_start_s": NUMPY_ENGINE["cold_start_s"], "peak_rss_mb": 300,
            "growth_mb": 5}
+# Ours against llama-server in the same run (issue 20): at most these ratios (at least, for tokens/s).
+PEER_TARGETS = {"cold_start_s": 1.0, "peak_mb": 1.1, "tokens_per_s": 1.0}
 # Cloud Run list prices, Tier 1 regions, request-based billing (CPU only while a request is handled),
 # before the free tier: https://cloud.google.com/run/pricing as read on 2026-11-23.
 PRICES = {"vcpu_s": 0.000024, "gib_s": 0.0000025, "request": 0.40 / 1e6,
@@ -19,7 +21,33 @@ def median(values):
 
 
 def summarize(results):
-    """Medians per contender, the bandwidth ceiling, and each target met or missed."""
+    """Medians per contender, the bandwidth ceiling, the side-by-side with llama-server, and each
+    target met or missed."""
+    summary = summarize_contenders(results) if "contenders" in results else {}
+    if results.get("peer"):
+        summary["peer"] = summarize_peer(results["peer"])
+    return summary
+
+
+def summarize_peer(peer):
+    """Medians over the rounds for each server, and ours / llama-server's for each figure."""
+    def figures(f):
+        return {"cold_start_s": f["cold_start_s"], "peak_mb": f["peak_mb"],
+                "tokens_per_s": median([r["tokens"] / r["seconds"] for r in f["warm"]])}
+
+    per_round = [{name: figures(f) for name, f in r.items()} for r in peer["rounds"]]
+    summary = {name: {key: median([r[name][key] for r in per_round]) for key in PEER_TARGETS}
+               for name in ("ours", "llama_server")}
+    summary["rounds"] = per_round
+    ratios = {key: summary["ours"][key] / summary["llama_server"][key] for key in PEER_TARGETS}
+    summary["targets"] = {key: {"value": value, "target": f"{'>=' if key == 'tokens_per_s' else '<='} "
+                                                         f"{PEER_TARGETS[key]}x llama-server",
+                                "met": value >= PEER_TARGETS[key] if key == "tokens_per_s" else value <= PEER_TARGETS[key]}
+                          for key, value in ratios.items()}
+    return summary
+
+
+def summarize_contenders(results):
     summary = {}
     for name, c in results["contenders"].items():
         mem = c["memory"]
@@ -122,12 +150,48 @@ def met(summary, key):
 
 def table(results):
     s = results["summary"]
+    m = results["machine"]
+    head = (f"Benchmark ({results['mode']}), {results['date']}: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; "
+            f"Python {m['python']}, numpy {m['numpy']}, tensorflow-cpu {m['tensorflow-cpu']}, "
+            f"gpt-2-simple {m['gpt-2-simple']}, llama-cpp-python {m['llama-cpp-python']}.")
+    peer = peer_table(results) if "peer" in s else []
+    if "contenders" not in results:
+        return "\n".join([head, ""] + peer)
+    return "\n".join([head] + contenders_table(results) + [""] + engines_table(s) + [""] + cost_table(s, results)
+                     + ([""] + peer if peer else []))
+
+
+def peer_table(results):
+    s, peer = results["summary"]["peer"], results["peer"]
+    hp = results["model"]["hparams"]
+    rounds = len(peer["rounds"])
+    lines = [f"Our server (`python -m app`) against llama-server, llama.cpp's own C++ server (bench/llama_server.sh: "
+             f"the llama.cpp llama-cpp-python {results['machine']['llama-cpp-python']} vendors, the wheel's x86-64-v3 "
+             f"flags), on the same GGUF file ({fmt(peer['gguf_mb'], 1)} MB, n_layer {hp['n_layer']}, n_embd "
+             f"{hp['n_embd']}, n_vocab {hp['n_vocab']}, {results['model']['weights']}): 1 thread each, POST "
+             f"/v1/completions, temperature 0.7 over the whole vocabulary; {rounds} interleaved round"
+             f"{'s' if rounds > 1 else ''} (order swapped each round), medians; {results['settings']['repeats']} "
+             "answers of 100 tokens a round.", "",
+             "| figure | our server | llama-server | ours / llama-server | target |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for key, what, digits in [("cold_start_s", "cold start: process start to first byte of a 20-token answer (s)", 2),
+                              ("peak_mb", "peak RSS (MB)", 0), ("tokens_per_s", "tokens/s, 100 tokens", 1)]:
+        t = s["targets"][key]
+        lines.append(f"| {what} | {fmt(s['ours'][key], digits)} | {fmt(s['llama_server'][key], digits)} "
+                     f"| {t['value']:.2f}x | {t['target']}: {'met' if t['met'] else 'MISSED'} |")
+    lines += ["", "Round by round (ours / llama-server): " + "; ".join(
+        f"{i + 1}: cold start {r['ours']['cold_start_s']:.2f} / {r['llama_server']['cold_start_s']:.2f} s, "
+        f"peak {r['ours']['peak_mb']:.0f} / {r['llama_server']['peak_mb']:.0f} MB, "
+        f"{r['ours']['tokens_per_s']:.1f} / {r['llama_server']['tokens_per_s']:.1f} tokens/s"
+        for i, r in enumerate(s["rounds"])) + "."]
+    return lines
+
+
+def contenders_table(results):
+    s = results["summary"]
     base, ours = s["baseline"], s["ours"]
-    m, hp = results["machine"], results["model"]["hparams"]
+    hp = results["model"]["hparams"]
     lines = [
-        f"Benchmark ({results['mode']}), {results['date']}: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; "
-        f"Python {m['python']}, numpy {m['numpy']}, tensorflow-cpu {m['tensorflow-cpu']}, "
-        f"gpt-2-simple {m['gpt-2-simple']}, llama-cpp-python {m['llama-cpp-python']}.",
         f"Model: n_layer {hp['n_layer']}, n_embd {hp['n_embd']}, n_head {hp['n_head']}, n_vocab {hp['n_vocab']}, "
         f"n_ctx {hp['n_ctx']} ({results['model']['weights']}); medians of {results['settings']['repeats']} runs "
         f"({results['settings']['cold_repeats']} for cold start).",
@@ -173,7 +237,7 @@ def table(results):
                      f"{bw['blas_gemv'] / 1e9:.1f}) / {per_token / 1e6:.1f} MB of weights per token "
                      f"| {fmt(ceiling, 1)} | {fmt(ceiling, 1)} | at 100 tokens, ours: {fraction:.0%} of it, "
                      f"gpt-2-simple: {base_fraction:.0%} | |")
-    return "\n".join(lines + [""] + engines_table(s) + [""] + cost_table(s, results))
+    return lines
 
 
 def engines_table(s):
@@ -215,17 +279,50 @@ def cost_table(s, results):
 
 
 def chart(results, path):
+    """Two rows of panels against gpt-2-simple, and one against llama-server (either may be absent)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    has_peer = "peer" in results["summary"]
+    rows = 2 * ("contenders" in results) + has_peer
+    fig = plt.figure(figsize=(12, 4.25 * rows))
+    hp = results["model"]["hparams"]
+    fig.suptitle(f"Our server vs {'gpt-2-simple' if rows > 1 else ''}{' and ' if rows == 3 else ''}"
+                 f"{'llama-server' if has_peer else ''} ({results['mode']}, {results['date']}, "
+                 f"{results['machine']['cpu']}, {results['machine']['cores']} cores; n_layer {hp['n_layer']}, "
+                 f"n_embd {hp['n_embd']})")
+    if rows > 1:
+        contenders_chart(results, np.array([[fig.add_subplot(rows, 2, i) for i in (1, 2)],
+                                            [fig.add_subplot(rows, 2, i) for i in (3, 4)]]))
+    if has_peer:
+        peer_chart(results, [fig.add_subplot(rows, 3, 3 * rows - i) for i in (2, 1, 0)])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def peer_chart(results, axes):
+    """Ours against llama-server: each round's figure as a dot, the median as the bar."""
+    s = results["summary"]["peer"]
+    names, colors = ["ours", "llama_server"], ["#1f77b4", "#ff7f0e"]
+    labels = ["our server", "llama-server"]
+    for ax, (key, title, unit) in zip(axes, [
+            ("cold_start_s", "Cold start to a 20-token answer", "seconds (lower is better)"),
+            ("peak_mb", "Peak RSS", "MB (lower is better)"),
+            ("tokens_per_s", "Speed, 100 tokens, 1 thread", "tokens/s (higher is better)")]):
+        ax.bar(labels, [s[n][key] for n in names], color=colors, alpha=0.8)
+        for i, n in enumerate(names):
+            ax.plot([i] * len(s["rounds"]), [r[n][key] for r in s["rounds"]], "k.", markersize=5)
+        t = s["targets"][key]
+        ax.set_title(f"{title}: {t['value']:.2f}x ({t['target']})", fontsize=9)
+        ax.set_ylabel(unit)
+
+
+def contenders_chart(results, axes):
     s = results["summary"]
     base, ours = s["baseline"], s["ours"]
     colors = {"baseline": "#999999", "ours": "#1f77b4"}
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    hp = results["model"]["hparams"]
-    fig.suptitle(f"Our server vs gpt-2-simple ({results['mode']}, {results['date']}, {results['machine']['cpu']}, "
-                 f"{results['machine']['cores']} cores; n_layer {hp['n_layer']}, n_embd {hp['n_embd']})")
 
     ax = axes[0, 0]
     groups = [(t, n) for t in ["1", "2"] for n in base["tokens_per_s"][t]]
@@ -275,7 +372,3 @@ def chart(results, path):
     ax.bar([NAMES[n] for n in names], [s[n]["early_stop_tokens"] for n in names], color=[colors[n] for n in names])
     ax.set_ylabel("tokens computed (median)")
     ax.set_title(f"Early stop: answer ending in <|endoftext|>, length {results['settings']['early_stop_length']}")
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

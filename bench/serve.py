@@ -2,11 +2,14 @@
 
     python bench/serve.py            # GPT-2 124M shape (random weights), then 355M and 774M; 25-40 minutes
     python bench/serve.py --quick    # a small model and few requests, ~2 minutes
+    python bench/serve.py --llama-server-only   # only our server against llama-server, ~5 minutes
 
 Contenders, each in its own processes: gpt-2-simple's load_gpt2 + a fresh generate() per request,
 as gpt-2-cloud-run serves it (bench/baseline.py); our server started as `python -m app`, driven
 over HTTP, at each --quant of the same checkpoint; and llama.cpp's engine alone on the same GGUF
-file through llama-cpp-python's Llama class (bench/llama_alone.py). Thread count is pinned through
+file through llama-cpp-python's Llama class (bench/llama_alone.py); and llama-server, llama.cpp's
+own C++ server (bench/llama_server.sh builds it once), side by side with ours over /v1/completions in
+interleaved rounds (skipped with --quick unless --llama-server names a binary). Thread count is pinned through
 the environment (THREADS, OMP/OpenBLAS/MKL/TF) and, for gpt-2-simple, start_tf_sess(threads=N).
 Writes serve.md (the tables), serve.png (the chart) and serve.json (every raw figure) to --out.
 """
@@ -49,10 +52,10 @@ def settings_for(quick):
     if quick:
         return {"lengths": [20, 100, 500], "repeats": 2, "cold_repeats": 1, "growth_requests": 20,
                 "baseline_growth_seconds": 8, "early_stop_length": 200, "early_stop_seeds": [1, 2, 3],
-                "engine_threads": [1]}
+                "engine_threads": [1], "peer_rounds": 1}
     return {"lengths": [20, 100, 500], "repeats": 3, "cold_repeats": 3, "growth_requests": 200,
             "baseline_growth_seconds": 45, "early_stop_length": 300, "early_stop_seeds": [1, 2, 3, 4, 5],
-            "engine_threads": [1, 2]}
+            "engine_threads": [1, 2], "peer_rounds": 4}
 
 
 def thread_env(threads):
@@ -78,6 +81,8 @@ def build_models(args, models_dir, logs):
     with --quick a small one. Early stop needs a model that learned to end its texts."""
     shape, name = (SMALL_SHAPE, "small-random") if args.quick else (make_model.SHAPE_124M, "gpt2-124M-random")
     speed = build_random(models_dir, name, shape, logs)
+    if args.llama_server_only:
+        return speed, None
     early = Path(args.tiny_model).resolve() if args.tiny_model else build_tiny_trained(models_dir)
     return speed, early
 
@@ -227,46 +232,76 @@ def free_port():
 
 
 class Server:
-    """`python -m app` in a child process, on a free port, with its log in a file."""
+    """A server in a child process, on a free port, with its log in a file: `python -m app` serving
+    model_dir, or the process `command(port)` starts (llama-server)."""
 
-    def __init__(self, model_dir, threads, log_path):
+    def __init__(self, model_dir, threads, log_path, command=None):
         self.port = free_port()
+        self.name = "llama-server" if command else "our server"
         env = thread_env(threads)
         env.update(PORT=str(self.port), MODEL_DIR=str(model_dir))
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.spawned = time.time()
-        self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(command(self.port) if command else [sys.executable, "-m", "app"], cwd=ROOT,
+                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
-    def first_answer(self, params, timeout=120):
-        """Connect as soon as the port accepts, send one request; returns (seconds from process
-        start to the first byte of the answer, memory when the port first accepted, answer)."""
+    def first_answer(self, params=None, body=None, timeout=120):
+        """Connect as soon as the port accepts and send one request: GET / with `params`, or POST
+        /v1/completions with `body`, again while it answers 503 (llama-server listens before its model
+        is loaded). Returns (seconds from process start to the first byte of the answer, memory when
+        the port first accepted, answer)."""
+        if body is None:
+            request = f"GET /?{urllib.parse.urlencode(params)} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+            request = request.encode()
+        else:
+            data = json.dumps(body).encode()
+            request = (f"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
         deadline = time.time() + timeout
+        memory = None
+        while True:
+            sock = self._connect(deadline, timeout)
+            memory = memory or self.memory()  # ours listens only once its model is loaded
+            with sock:
+                sock.sendall(request)
+                chunks = [sock.recv(1)]
+                first_byte = time.time() - self.spawned
+                while chunk := sock.recv(65536):
+                    chunks.append(chunk)
+            head, _, answer = b"".join(chunks).partition(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 503") or time.time() > deadline:
+                break
+            time.sleep(0.005)
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise BenchError(f"{self.name} answered {head.splitlines()[0] if head else b''!r}: {answer[:200]!r}")
+        return first_byte, memory, json.loads(answer)
+
+    def _connect(self, deadline, timeout):
         while True:
             if self.proc.poll() is not None:
-                raise BenchError(f"our server exited with code {self.proc.returncode} before answering; "
+                raise BenchError(f"{self.name} exited with code {self.proc.returncode} before answering; "
                                  f"see {self.log_path}")
             try:
-                sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
-                break
+                return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
             except OSError:
                 if time.time() > deadline:
-                    raise BenchError(f"our server did not accept connections within {timeout} s")
+                    raise BenchError(f"{self.name} did not accept connections within {timeout} s")
                 time.sleep(0.005)
-        memory = self.memory()  # listening means loaded: the app loads its model before serving
-        with sock:
-            sock.sendall(f"GET /?{urllib.parse.urlencode(params)} HTTP/1.1\r\nHost: bench\r\n"
-                         "Connection: close\r\n\r\n".encode())
-            chunks = [sock.recv(1)]
-            first_byte = time.time() - self.spawned
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise BenchError(f"our server answered {head.splitlines()[0]!r}: {body[:200]!r}")
-        return first_byte, memory, json.loads(body)
+
+    def post(self, body):
+        """POST /v1/completions; returns (answer JSON, seconds on the client's clock)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        start = time.perf_counter()
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        answer = resp.read()
+        seconds = time.perf_counter() - start
+        conn.close()
+        if resp.status != 200:
+            raise BenchError(f"{self.name} answered {resp.status} to {body}: {answer[:200]!r}")
+        return json.loads(answer), seconds
 
     def get(self, **params):
         """One request; returns (answer JSON, seconds on the client's clock)."""
@@ -423,6 +458,74 @@ def bench_shapes(models_dir, names, s, logs, progress):
     return result
 
 
+# ----------------------------------------------------------------------------- llama-server, side by side
+
+# llama-server samples as ours does by default (temperature over the whole vocabulary), computes every
+# token asked for (ignore_eos) and, like ours, computes the prompt afresh for each request.
+LLAMA_SERVER_SAMPLING = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0, "ignore_eos": True,
+                         "cache_prompt": False}
+
+
+def find_llama_server(path, quick):
+    """The llama-server binary: `path`, else bench/llama_server.sh's (compiled on first use: minutes);
+    None with --quick (the tests must not need it)."""
+    if path:
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise BenchError(f"--llama-server {path} is not an executable file")
+        return Path(path).resolve()
+    if quick:
+        return None
+    proc = subprocess.run(["sh", str(ROOT / "bench" / "llama_server.sh")], cwd=ROOT, stdout=subprocess.PIPE,
+                          text=True)  # its progress goes to our stderr
+    if proc.returncode:
+        raise BenchError(f"building llama-server failed (exit {proc.returncode}): bench/llama_server.sh")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def completion(model, server, length, seed):
+    body = {"model": model.resolve().name, "prompt": PROMPT, "max_tokens": length, "temperature": 0.7, "seed": seed}
+    return body | (LLAMA_SERVER_SAMPLING if server.name == "llama-server" else {})
+
+
+def peer_figures(model, command, repeats, log_path):
+    """One server, 1 thread: cold start to a 20-token /v1/completions answer, `repeats` answers of 100
+    tokens, peak RSS (the kernel's high-water mark) at the end."""
+    server = Server(model, 1, log_path, command)
+    try:
+        cold, _, _ = server.first_answer(body=completion(model, server, 20, 0))
+        warm = []
+        for seed in range(1, repeats + 1):
+            for attempt in range(10):  # ours stops at a sampled end token: rare with random weights
+                answer, seconds = server.post(completion(model, server, 100, seed + 1000 * attempt))
+                if answer["usage"]["completion_tokens"] == 100:
+                    break
+            else:
+                raise BenchError(f"{server.name} stopped early on 10 seeds at 100 tokens")
+            warm.append({"seconds": seconds, "tokens": 100, "seed": seed + 1000 * attempt})
+        return {"cold_start_s": cold, "warm": warm, "peak_mb": server.memory()["peak"]}
+    finally:
+        server.stop()
+
+
+def bench_peer(model, binary, s, logs, progress):
+    """Our server and llama-server on the same GGUF file, one thread each, in interleaved rounds (the
+    order swapped each round) so that the machine's load falls on both alike."""
+    gguf = model / "weights" / json.loads((model / "weights" / "manifest.json").read_text())["gguf"]
+    n_ctx = json.loads((model / "hparams.json").read_text())["n_ctx"]
+    # As deployed: its defaults, but the model's context (ours keeps n_ctx positions too) and 1 thread.
+    command = lambda port: [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),  # noqa: E731
+                            "-t", "1", "-tb", "1", "-c", str(n_ctx)]
+    rounds = []
+    for r in range(s["peer_rounds"]):
+        progress.set_description(f"our server vs llama-server, round {r + 1} of {s['peer_rounds']}")
+        order = [("ours", None), ("llama_server", command)][::-1 if r % 2 else 1]
+        rounds.append({name: peer_figures(model, cmd, s["repeats"], logs / f"peer-{name}-{r + 1}.log")
+                       for name, cmd in order})
+    progress.update()
+    return {"llama_server": str(binary), "gguf": str(gguf), "gguf_mb": os.path.getsize(gguf) / 1e6,
+            "rounds": rounds}
+
+
 # ----------------------------------------------------------------------------- main
 
 def machine():
@@ -463,6 +566,10 @@ def main():
     p.add_argument("--repeats", type=int, help="runs per figure (default 3, 2 with --quick); fewer when time is short")
     p.add_argument("--shapes", default=None, help="bigger GPT-2 shapes to measure, comma-separated: 355M,774M "
                    "(the default; none with --quick); '' for none")
+    p.add_argument("--llama-server", metavar="PATH", help="the llama-server binary to measure ours against "
+                   "(default: bench/llama_server.sh's, compiled on first use; none with --quick)")
+    p.add_argument("--llama-server-only", action="store_true",
+                   help="only the side-by-side rounds of our server and llama-server")
     args = p.parse_args()
     shapes = [n for n in (args.shapes if args.shapes is not None else "" if args.quick else "355M,774M").split(",") if n]
     if set(shapes) - set(BIG_SHAPES):
@@ -473,6 +580,8 @@ def main():
                  "(an exported run folder is needed: python -m finetune.export RUN_DIR)")
     if out.exists() and not out.is_dir():
         sys.exit(f"bench/serve.py: --out {out} is a file, not a folder")
+    if args.llama_server_only and args.quick and not args.llama_server:
+        sys.exit("bench/serve.py: --llama-server-only with --quick needs --llama-server PATH")
     s = settings_for(args.quick)
     if args.repeats:
         if args.repeats < 1:
@@ -482,17 +591,21 @@ def main():
     logs = out / "logs"
     started = time.time()
     try:
-        with tqdm(total=10 + len(QUANTS) + len(shapes), desc="models", disable=None) as progress:
+        binary = find_llama_server(args.llama_server, args.quick)
+        steps = 2 if args.llama_server_only else 10 + len(QUANTS) + len(shapes) + bool(binary)
+        with tqdm(total=steps, desc="models", disable=None) as progress:
             models_dir = Path(args.models or ROOT / "bench" / "out" / "models").resolve()
             model, early_model = build_models(args, models_dir, logs)
             progress.update()
-            progress.set_description("memory bandwidth")
-            bw = {str(t): measure_bandwidth(t) for t in (1, 2)}
-            progress.update()
-            baseline = bench_baseline(model, early_model, s, logs, progress)
-            ours = bench_ours(model, early_model, s, logs, progress)
-            engines = bench_engines(model, s, logs, progress)
-            big = bench_shapes(models_dir, shapes, s, logs, progress)
+            if not args.llama_server_only:
+                progress.set_description("memory bandwidth")
+                bw = {str(t): measure_bandwidth(t) for t in (1, 2)}
+                progress.update()
+                baseline = bench_baseline(model, early_model, s, logs, progress)
+                ours = bench_ours(model, early_model, s, logs, progress)
+                engines = bench_engines(model, s, logs, progress)
+                big = bench_shapes(models_dir, shapes, s, logs, progress)
+            peer = bench_peer(model, binary, s, logs, progress) if binary else None
     except BenchError as e:
         sys.exit(f"bench/serve.py: {e}")
     except KeyboardInterrupt:  # the finally blocks above have stopped every process it started
@@ -503,14 +616,18 @@ def main():
         "model": {"run_dir": str(model), "hparams": json.loads((model / "hparams.json").read_text()),
                   "weights": "random weights, Q8_0",
                   "weight_bytes_per_token": bandwidth.weight_bytes_per_token(model / "weights" / "model.gguf")},
-        "early_stop_model": {"run_dir": str(early_model),
-                             "hparams": json.loads((early_model / "hparams.json").read_text())},
-        "bandwidth_bytes_per_s": bw,  # per thread count: {"numpy_sum": .., "blas_gemv": ..}
-        "contenders": {"baseline": baseline, "ours": ours},
-        "engines": engines,  # per quant, per thread count: our server and llama.cpp alone
-        "shapes": big,
-        "image_mb": image_mb(),
     }
+    if not args.llama_server_only:
+        results |= {
+            "early_stop_model": {"run_dir": str(early_model),
+                                 "hparams": json.loads((early_model / "hparams.json").read_text())},
+            "bandwidth_bytes_per_s": bw,  # per thread count: {"numpy_sum": .., "blas_gemv": ..}
+            "contenders": {"baseline": baseline, "ours": ours},
+            "engines": engines,  # per quant, per thread count: our server and llama.cpp alone
+            "shapes": big,
+            "image_mb": image_mb(),
+        }
+    results["peer"] = peer  # our server and llama-server, round by round
     results["summary"] = report.summarize(results)
     print(write_outputs(out, results))
     print(f"\nwrote {out / 'serve.md'}, {out / 'serve.png'}, {out / 'serve.json'}")

@@ -66,6 +66,34 @@ def test_tokenizer_matches_gpt2_simple_encoder(tiny_run):
     assert ours.end_token not in ours.encode("<|endoftext|>")
 
 
+def test_tokenizer_matches_gpt2_simple_on_many_texts(tiny_run):
+    """llama.cpp's BPE (what the server encodes with) against gpt-2-simple's Encoder: this repository's
+    English prose and code, and random mixes of scripts, emoji, controls and whitespace."""
+    import random
+    from pathlib import Path
+
+    from gpt_2_simple.src import encoder
+
+    root = Path(__file__).resolve().parent.parent
+    texts = []
+    for path in sorted(root.glob("*/*.py")) + sorted(root.glob("**/*.md")):
+        if "out" not in path.parts:
+            text = path.read_text(encoding="utf-8")
+            texts += [text[i:i + 300] for i in range(0, min(len(text), 6000), 300)]
+    rng = random.Random(0)
+    alphabet = [(0, 0x250), (0x370, 0x600), (0x3000, 0x3100), (0x4E00, 0x4F00), (0x1F300, 0x1F6FF)]
+    for _ in range(500):
+        texts.append("".join(chr(rng.randrange(*rng.choice(alphabet))) if rng.random() < 0.7
+                             else rng.choice(" \n\t\r'") for _ in range(rng.randrange(1, 40))))
+    reference = encoder.get_encoder(str(tiny_run))
+    ours = Tokenizer(tiny_run)
+    assert len(texts) > 1000
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == reference.encode(text), text
+        assert ours.decode(ids) == reference.decode(ids)
+
+
 # ggml computes GELU through a float16 table (GGML_GELU_FP16): its input is rounded to 11 bits, an
 # error of up to 2^-11 (5e-4) relative at each hidden unit, which the layers carry into the logits
 # (float32 rounding alone stays near 1e-6). Measured: 1e-4 of the largest logit on this model, about
