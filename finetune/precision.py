@@ -7,19 +7,13 @@ precisions and machines freely.
 - bf16: oneDNN's auto mixed precision rewrite (`auto_mixed_precision_onednn_bfloat16`), for CPUs
   that compute bfloat16 natively (AMX or AVX512-BF16); bfloat16 has float32's range, so no scaling.
 - fp16: the CUDA auto mixed precision rewrite (`auto_mixed_precision`), for GPUs of compute
-  capability 7.0 or more (tensor cores), with dynamic loss scaling: the loss is multiplied by a
-  scale before the backward pass and the gradients divided by it after, so that small gradients do
-  not flush to zero in float16; a step whose gradients overflow is skipped and the scale halved,
-  and after GROW_EVERY good steps it is doubled.
-"""
-import tensorflow as tf
-from tensorflow.core.protobuf import rewriter_config_pb2
+  capability 7.0 or more (tensor cores), with dynamic loss scaling (finetune.optimizer.LossScale).
 
+No TensorFlow import at module level: finetune.cloud chooses the L4's precision without it.
+"""
 from finetune import UsageError
 
 CHOICES = ["auto", "fp32", "bf16", "fp16"]
-INITIAL_SCALE = 2.0 ** 15
-GROW_EVERY = 2000  # good steps before the scale doubles (what Keras and apex use)
 
 
 def cpu_flags():
@@ -67,44 +61,10 @@ def describe(precision):
 
 def configure(config, precision):
     """Switch the session's graph rewrite for precision on in config (a ConfigProto)."""
+    from tensorflow.core.protobuf import rewriter_config_pb2
     rewrites = config.graph_options.rewrite_options
     if precision == "bf16":
         rewrites.auto_mixed_precision_onednn_bfloat16 = rewriter_config_pb2.RewriterConfig.ON
     elif precision == "fp16":
         rewrites.auto_mixed_precision = rewriter_config_pb2.RewriterConfig.ON
     return config
-
-
-class LossScale:
-    """Dynamic loss scaling around an optimizer's gradients (float16's)."""
-
-    def __init__(self):
-        with tf.compat.v1.variable_scope("loss_scale"):  # not "model/": never in a checkpoint
-            self.scale = tf.compat.v1.get_variable("scale", initializer=INITIAL_SCALE, trainable=False)
-            self.good_steps = tf.compat.v1.get_variable("good_steps", initializer=0, trainable=False)
-            self.skipped = tf.compat.v1.get_variable("skipped", initializer=False, trainable=False)
-
-    def scale_loss(self, loss):
-        return loss * tf.cast(self.scale, loss.dtype)
-
-    def unscale(self, grads):
-        return [None if g is None else g / self.scale for g in grads]
-
-    def apply(self, apply_gradients, grads):
-        """apply_gradients() only when every gradient is finite; else skip it and halve the scale."""
-        finite = tf.reduce_all(input_tensor=[tf.reduce_all(input_tensor=tf.math.is_finite(g))
-                                             for g in grads if g is not None])
-
-        def apply():
-            with tf.control_dependencies([apply_gradients()]):
-                grow = tf.equal(self.good_steps + 1, GROW_EVERY)
-                return tf.group(
-                    self.scale.assign(tf.where(grow, self.scale * 2, self.scale)),
-                    self.good_steps.assign(tf.where(grow, 0, self.good_steps + 1)),
-                    self.skipped.assign(False))
-
-        def skip():
-            return tf.group(self.scale.assign(tf.maximum(self.scale / 2, 1.0)),
-                            self.good_steps.assign(0), self.skipped.assign(True))
-
-        return tf.cond(pred=finite, true_fn=apply, false_fn=skip)

@@ -275,7 +275,7 @@ class Trainer:
 
         all_vars = [v for v in tf.compat.v1.trainable_variables() if "model" in v.name]
         train_vars = optimizer.trained_variables(all_vars, args.train_layers)
-        self.loss_scale = precision.LossScale() if self.precision == "fp16" else None
+        self.loss_scale = optimizer.LossScale() if self.precision == "fp16" else None
         opt = optimizer.Optimizer(
             args.optimizer, args.learning_rate, loss_scale=self.loss_scale,
             gradients=(lambda loss, xs: recompute.gradients(loss, xs, output, hparams)) if args.recompute else None)

@@ -6,6 +6,7 @@ option under test, so every comparison starts from the same weights and the same
 """
 import csv
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -151,7 +152,7 @@ FP16_GRAPH = r"""
 import json, sys
 import numpy as np
 import tensorflow as tf
-from finetune import train
+from finetune import optimizer, train
 from finetune.__main__ import build_parser
 
 run_dir, accumulate = sys.argv[1], sys.argv[2]
@@ -177,16 +178,20 @@ def step():
         return sess.run(trainer.opt_apply)
     return sess.run(trainer.opt_apply, feed_dict=batch)
 
-wte = graph.get_tensor_by_name("model/wte:0")
+wte = next(v for v in tf.compat.v1.global_variables() if v.name == "model/wte:0")
 w0 = sess.run(wte)
 step()
 w1, s1, skipped1 = sess.run([wte, scale.scale, scale.skipped])
-sess.run(scale.scale.assign(3e38))  # scaled gradients overflow float32 itself
+sess.run(scale.scale.assign(np.inf))  # the scaled gradients overflow
 step()
 w2, s2, skipped2 = sess.run([wte, scale.scale, scale.skipped])
+sess.run([scale.scale.assign(4.0), scale.good_steps.assign(optimizer.GROW_EVERY - 1)])
+step()
+w3, s3, skipped3 = sess.run([wte, scale.scale, scale.skipped])
 print(json.dumps({"ops": sorted(ops), "max_const": max(consts), "rewrite": rewrite,
-                  "first": [bool((w0 != w1).any()), s1, bool(skipped1)],
-                  "overflow": [bool((w1 != w2).any()), s2, bool(skipped2)]}))
+                  "first": [bool((w0 != w1).any()), float(s1), bool(skipped1)],
+                  "overflow": [bool((w1 != w2).any()), float(s2), bool(skipped2)],
+                  "grow": [bool((w2 != w3).any()), float(s3), bool(skipped3)]}))
 """
 
 
@@ -194,7 +199,8 @@ print(json.dumps({"ops": sorted(ops), "max_const": max(consts), "rewrite": rewri
 def test_fp16_graph_has_dynamic_loss_scaling_that_skips_an_overflowing_step(base, accumulate):
     """The GPU path's graph, checked here: the float16 rewrite is switched on, the attention mask
     is float16-safe, and loss scaling covers both gradient paths: a finite step trains, a step
-    whose scaled gradients overflow leaves the weights and halves the scale."""
+    whose scaled gradients overflow leaves the weights as they were, and GROW_EVERY good steps
+    double the scale."""
     import json
     result = subprocess.run([sys.executable, "-c", FP16_GRAPH, str(base[0]), accumulate], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
@@ -204,7 +210,8 @@ def test_fp16_graph_has_dynamic_loss_scaling_that_skips_an_overflowing_step(base
     assert {"IsFinite", "If"} <= set(out["ops"]) or {"IsFinite", "StatelessIf"} <= set(out["ops"])
     assert out["max_const"] < 65504  # no 1e10 mask: float16's largest is 65504
     assert out["first"] == [True, 2.0 ** 15, False]
-    assert out["overflow"] == [False, 3e38 / 2, True]
+    assert out["overflow"] == [False, float("inf"), True]  # inf / 2
+    assert out["grow"] == [True, 8.0, False]
 
 
 # -- the fit check ---------------------------------------------------------------------------------
@@ -259,8 +266,10 @@ def test_cloud_checks_the_fit_before_building_and_passes_the_flags_on(bucket):  
                "--precision", "fp32", env=env)
     assert ok.returncode == 0, ok.stderr
     deploy = next(line for line in ok.stdout.splitlines() if line.startswith("gcloud run jobs deploy"))
-    job_args = deploy.split("--args=")[1]
-    for flag in ("--recompute", "--optimizer", "sgd", "--train-layers", "transformer", "--precision", "fp32"):
-        assert flag in job_args.split(job_args[1]), flag  # gcloud's ^DELIM^ list syntax
+    job_args = next(a for a in shlex.split(deploy) if a.startswith("--args="))[len("--args="):]
+    job_args = job_args[3:].split(job_args[1])  # gcloud's ^DELIM^ list syntax
+    for flag, value in (("--optimizer", "sgd"), ("--train-layers", "transformer"), ("--precision", "fp32")):
+        assert job_args[job_args.index(flag) + 1] == value
+    assert "--recompute" in job_args
     bf16 = cloud(*common, "--precision", "bf16", env=env)
     assert bf16.returncode == 2 and "--precision bf16 needs a CPU" in bf16.stderr
