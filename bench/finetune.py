@@ -2,6 +2,7 @@
 
     python bench/finetune.py            # GPT-2 124M shape (random weights), ~25 minutes on 2 busy cores
     python bench/finetune.py --quick    # a small model, ~1 minute
+    python bench/finetune.py --options  # --precision and the memory options, 124M and 355M shapes
 
 Each of window 1,024/256 x accumulate 5/1 is one `python -m finetune` run, one after the other, on
 a random-weight run folder from bench/make_model.py (speed does not depend on the values), on the
@@ -10,6 +11,12 @@ others are timed from the run's own loss.csv, and their median (robust to a burs
 shared machine) is the row's figure. The defaults (1,024 x 5) are what a user gets
 without flags, and every row is compared with them. Writes finetune.md (the table), finetune.png
 (the chart) and finetune.json (every raw figure) to --out.
+
+--options instead runs each --precision and memory option (OPTION_RUNS) once at the 124M shape
+(window 1,024, --accumulate-gradients 1): seconds a step, tokens a second, peak memory (the run's
+peak RSS, from wait4) against finetune.fit's estimate for the CPU; then the memory runs again at the
+355M shape (window 512), and the loss after the same steps from the same seed (window 256) per precision.
+Writes options.md, options.png and options.json.
 """
 import argparse
 import csv
@@ -28,6 +35,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_model  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from finetune import fit  # noqa: E402
 from report import fmt  # noqa: E402
 from serve import SMALL_SHAPE, BenchError, machine, run  # noqa: E402
 
@@ -164,9 +173,182 @@ class Parser(argparse.ArgumentParser):
         sys.exit(f"bench/finetune.py: {message} (see --help)")
 
 
+# -- --options: precision and memory (issue 21) -------------------------------------------------
+SHAPE_355M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 1024, "n_head": 16, "n_layer": 24}
+OPTION_RUNS = [  # (label, flags); the speed runs use all of them, the memory runs at 355M those marked
+    ("fp32", ["--precision", "fp32"], True),
+    ("bf16", ["--precision", "bf16"], True),
+    ("fp32 --recompute", ["--precision", "fp32", "--recompute"], True),
+    ("bf16 --recompute", ["--precision", "bf16", "--recompute"], False),
+    ("fp32 --train-layers transformer", ["--precision", "fp32", "--train-layers", "transformer"], True),
+    ("fp32 --optimizer sgd", ["--precision", "fp32", "--optimizer", "sgd"], True),
+]
+LOSS_PRECISIONS = ["fp32", "bf16"]
+MEMORY_WINDOW = 512  # at 355M: float32 with Adam at 1,024 tokens would need most of a shared 24 GB machine
+GIB = 2 ** 30
+
+
+def option_run(model, corpus, work, label, flags, steps, log_path, window=1024, learning_rate="1e-4"):
+    """One `python -m finetune` run with flags; its step seconds, losses, peak RSS and device."""
+    parent = work / label.replace(" ", "_").replace("-", "")
+    copy_run(model, parent / "run1")
+    cmd = [sys.executable, "-m", "finetune", "--dataset", str(corpus), "--checkpoint-dir", str(parent),
+           "--steps", str(steps), "--window", str(window), "--accumulate-gradients", "1", "--seed", "1",
+           "--learning-rate", learning_rate, "--sample-every", "0", "--save-every", "0", *flags]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak RSS
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    text = log_path.read_text()
+    if proc.returncode:
+        last = text.strip().splitlines()[-1] if text.strip() else ""
+        raise BenchError(f"python -m finetune {' '.join(flags)} failed (exit {proc.returncode}): {last}; "
+                         f"see {log_path}")
+    device = next(line[len("Training on "):] for line in text.splitlines() if line.startswith("Training on "))
+    with open(parent / "run1" / "loss.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[1:]  # the checkpoint's own step 1 is not this run's
+    shutil.rmtree(parent)
+    averages = [float(r["seconds_per_step"]) for r in rows]
+    elapsed = [k * mean for k, mean in enumerate(averages, 1)]
+    seconds = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
+    return {"label": label, "flags": flags, "window": window, "step_seconds": seconds,
+            "seconds_per_step": float(np.median(seconds[1:])) if len(seconds) > 1 else seconds[0],
+            "tokens_per_second": window / float(np.median(seconds[1:] or seconds)),
+            "losses": [float(r["loss"]) for r in rows], "peak_rss_gib": usage.ru_maxrss * 1024 / GIB,
+            "device": device}
+
+
+def estimate_gib(hparams, flags, window, device):
+    """finetune.fit's estimate for this run on the CPU (GiB)."""
+    def value(flag, default):
+        return flags[flags.index(flag) + 1] if flag in flags else default
+    precision = value("--precision", "fp32")
+    options = fit.Options(window=window, accumulate=1, optimizer=value("--optimizer", "adam"),
+                          train_layers=value("--train-layers", "all"), recompute="--recompute" in flags,
+                          precision=precision)
+    return fit.needed(fit.Shape(**hparams), options, cpu=not device.startswith("GPU")) / GIB
+
+
+def options_table(results):
+    m = results["machine"]
+    lines = [f"python -m finetune options ({results['mode']}), {results['date']}: {results['device']}; {m['cpu']}, "
+             f"{m['cores']} cores, {m['memory_gb']} GB; tensorflow-cpu {m['tensorflow-cpu']}; load average "
+             f"{results['load'][0]:.1f} to {results['load'][1]:.1f} during the run. Random weights; "
+             "--accumulate-gradients 1, --batch-size 1; peak memory is the process's peak RSS.", ""]
+    for key, title in (("speed", "speed and memory"), ("memory", "memory")):
+        block = results[key]
+        if not block["runs"]:
+            continue
+        hp = block["hparams"]
+        lines += [f"{title}: n_layer {hp['n_layer']}, n_embd {hp['n_embd']}, window {block['runs'][0]['window']:,}, "
+                  f"median of {results['steps'] - 1} timed steps after one warm-up step", "",
+                  "| options | s/step | vs fp32 | tokens/s | peak RSS GiB | estimate GiB | estimate / measured |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        base = block["runs"][0]["seconds_per_step"]
+        for r in block["runs"]:
+            lines.append(f"| {r['label']} | {fmt(r['seconds_per_step'])} | {r['seconds_per_step'] / base:.2f}x | "
+                         f"{r['tokens_per_second']:.0f} | {r['peak_rss_gib']:.2f} | {r['estimate_gib']:.2f} | "
+                         f"{r['estimate_gib'] / r['peak_rss_gib']:.2f} |")
+        lines.append("")
+    loss = results["loss"]
+    lines += [f"loss after {loss['steps']} steps from the same seed (window {loss['window']}, learning rate "
+              f"{loss['learning_rate']}), n_layer {results['speed']['hparams']['n_layer']}:", "",
+              "| precision | loss at the last step | mean loss | vs fp32 |", "| --- | ---: | ---: | ---: |"]
+    for r in loss["runs"]:
+        lines.append(f"| {r['label']} | {r['losses'][-1]:.4f} | {np.mean(r['losses']):.4f} | "
+                     f"{r['losses'][-1] / loss['runs'][0]['losses'][-1] - 1:+.2%} |")
+    return "\n".join(lines)
+
+
+def options_chart(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(13, 5))
+    runs = results["speed"]["runs"]
+    speed.barh([r["label"] for r in runs], [r["seconds_per_step"] for r in runs], color="#1f77b4")
+    for i, r in enumerate(runs):
+        speed.annotate(f" {fmt(r['seconds_per_step'])} s, {r['tokens_per_second']:.0f} tok/s", (r["seconds_per_step"], i),
+                       va="center", fontsize=8)
+    speed.invert_yaxis()
+    speed.set_xlabel("seconds per step, window 1,024 (lower is better)")
+    speed.set_xlim(0, max(r["seconds_per_step"] for r in runs) * 1.5)
+    labels, measured, estimated = [], [], []
+    for key in ("speed", "memory"):
+        hp = results[key]["hparams"]
+        for r in results[key]["runs"]:
+            labels.append(f"{r['label']}\n(n_layer {hp['n_layer']})")
+            measured.append(r["peak_rss_gib"])
+            estimated.append(r["estimate_gib"])
+    y = np.arange(len(labels))
+    memory.barh(y - 0.2, measured, 0.4, label="measured peak RSS")
+    memory.barh(y + 0.2, estimated, 0.4, label="finetune.fit estimate")
+    memory.set_yticks(y, labels, fontsize=7)
+    memory.invert_yaxis()
+    memory.set_xlabel("GiB")
+    memory.legend()
+    fig.suptitle(f"python -m finetune precision and memory options ({results['mode']}, {results['date']})\n"
+                 f"{results['device']}, {results['machine']['cpu']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_options(args, models_dir, out, logs):
+    quick = args.quick
+    shapes = {"speed": (SMALL_SHAPE, "small-random") if quick else (make_model.SHAPE_124M, "gpt2-124M-random"),
+              "memory": (SMALL_SHAPE, "small-random") if quick else (SHAPE_355M, "gpt2-355M-random")}
+    results = {"date": datetime.date.today().isoformat(), "mode": "quick" if quick else "full",
+               "machine": machine(), "steps": args.steps}
+    loads = [load()]
+    todo = [(key, label, flags) for key in ("speed", "memory") for label, flags, at_355m in OPTION_RUNS
+            if key == "speed" or at_355m] + [("loss", p, ["--precision", p]) for p in LOSS_PRECISIONS]
+    models = {}
+    for key, (shape, name) in shapes.items():
+        cmd = [sys.executable, str(ROOT / "bench" / "make_model.py"), str(models_dir / name)]
+        for k, v in shape.items():
+            cmd += ["--" + k.replace("_", "-"), str(v)]
+        run(cmd, f"building the {name} model (bench/make_model.py)", logs / f"make_model-{name}.log")
+        models[key] = models_dir / name
+        results[key] = {"hparams": json.loads((models[key] / "hparams.json").read_text()), "runs": []}
+    models["loss"] = models["speed"]
+    results["loss"] = {"steps": 2 * args.steps, "window": 256, "learning_rate": "1e-3", "runs": []}
+    with tempfile.TemporaryDirectory(prefix=".finetune-bench-", dir=models_dir) as work:
+        work = Path(work)
+        corpus = work / "corpus.txt"
+        corpus.write_text(CORPUS)
+        for key, label, flags in tqdm(todo, desc="python -m finetune runs", disable=None):
+            extra = {"loss": {"window": 256, "learning_rate": "1e-3"}, "memory": {"window": MEMORY_WINDOW}}.get(key, {})
+            steps = results["loss"]["steps"] if key == "loss" else args.steps
+            r = option_run(models[key], corpus, work, label, flags, steps,
+                           logs / f"options-{key}-{label.replace(' ', '_')}.log", **extra)
+            r["estimate_gib"] = estimate_gib(results[key if key != "loss" else "speed"]["hparams"], flags,
+                                             r["window"], r["device"])
+            results[key]["runs"].append(r)
+            results["device"] = r["device"].split(" in ")[0]
+            loads.append(load())
+            tqdm.write(f"{key} {label}: {r['seconds_per_step']:.2f} s/step, peak RSS {r['peak_rss_gib']:.2f} GiB "
+                       f"(estimate {r['estimate_gib']:.2f}), last loss {r['losses'][-1]:.4f}")
+    results["load"] = [min(loads), max(loads)]
+    text = options_table(results)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tmp = Path(tmp)
+        (tmp / "options.json").write_text(json.dumps(results, indent=1) + "\n")
+        (tmp / "options.md").write_text(text + "\n")
+        options_chart(results, tmp / "options.png")
+        for name in ["options.json", "options.md", "options.png"]:
+            os.replace(tmp / name, out / name)
+    print(text)
+    print(f"\nwrote {out / 'options.md'}, {out / 'options.png'}, {out / 'options.json'}")
+
+
 def main():
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a small model (n_layer 2, n_embd 64)")
+    p.add_argument("--options", action="store_true",
+                   help="the --precision and memory options instead (124M and 355M shapes)")
     p.add_argument("--steps", type=at_least_2, default=4, help="steps per run; the first is not timed")
     p.add_argument("--out", help="output folder (default bench/out, or bench/out/quick with --quick)")
     p.add_argument("--models", help="where built models are cached (default bench/out/models)")
@@ -177,6 +359,11 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
+    if args.options:
+        try:
+            return run_options(args, Path(args.models or ROOT / "bench" / "out" / "models").resolve(), out, logs)
+        except BenchError as e:
+            sys.exit(f"bench/finetune.py: {e}")
     started = time.time()
     runs = []
     try:

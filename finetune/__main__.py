@@ -84,10 +84,22 @@ def build_parser():
                    "retried run does only what is left (the cloud job uses this)")
     p.add_argument("--run-name", default="run1", help="run folder name under --checkpoint-dir")
     p.add_argument("--checkpoint-dir", default="checkpoint", help="where run folders are kept")
-    p.add_argument("--learning-rate", type=positive_float, default=1e-4, help="Adam's learning rate")
+    p.add_argument("--learning-rate", type=positive_float, default=1e-4, help="the optimizer's learning rate")
     p.add_argument("--batch-size", type=positive_int, default=1, help="windows per batch")
     p.add_argument("--accumulate-gradients", type=positive_int, default=5,
                    help="batches per optimizer step (gpt-2-simple's default)")
+    # Memory and speed (docs/training-memory.md): what lets 774M and 1558M train on one L4.
+    p.add_argument("--train-layers", choices=["all", "transformer"], default="all",
+                   help="transformer: train only the transformer blocks, embeddings frozen and without "
+                   "optimizer state (gpt-2-simple's only_train_transformer_layers)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="sgd keeps no moments: 8 bytes a parameter less than adam")
+    p.add_argument("--recompute", action="store_true",
+                   help="keep only each transformer block's input and recompute the block in the "
+                   "backward pass: far less activation memory, ~1.3x the time a step")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 on CPUs with AMX or AVX512-BF16, fp16 (dynamic loss scaling) on GPUs "
+                   "of compute capability 7.0+, else fp32; weights and checkpoints stay float32")
     p.add_argument("--window", type=positive_int, default=None,
                    help="tokens per training window (default: the model's n_ctx, 1024 for GPT-2); "
                    "comments are short, and 256 costs about a quarter per step")

@@ -123,7 +123,21 @@ def parse(argv):
     except UsageError as e:
         raise UsageError(str(e).replace("python -m finetune --help", "python -m finetune.cloud --help")) from None
     validate(args.finetune)
+    check_fit(args.finetune)
     return args
+
+
+def check_fit(ft):
+    """The run must fit the L4's memory, in the precision the job will pick there (finetune.fit):
+    checked before anything is built, with the same one line as the job's."""
+    from finetune import fit, precision
+    chosen, _ = precision.choose(ft.precision, gpu_capability=fit.L4_CAPABILITY)
+    if ft.from_scratch:
+        hp, name = fit.Shape(ft.vocab_size, ft.n_ctx, ft.n_embd, ft.n_head, ft.n_layer), None
+    else:
+        hp, name = fit.release_shape(ft.model), ft.model
+    options = fit.Options.from_args(ft, ft.window or hp.n_ctx, chosen)
+    fit.check(hp, options, fit.L4_MEMORY, "the L4", name=name)
 
 
 def commands(args, project):

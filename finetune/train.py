@@ -30,7 +30,7 @@ from gpt_2_simple.src.load_dataset import Sampler, load_dataset
 from tensorflow.core.protobuf import rewriter_config_pb2
 from tqdm import tqdm
 
-from finetune import UsageError
+from finetune import UsageError, blocks, fit, optimizer, precision, recompute
 from finetune.files import atomic_write_text, partial_dir, replace_dir
 
 # gpt-2-simple's modules are TF1 graph code (placeholders, sessions); TF 2 starts in eager mode.
@@ -39,6 +39,7 @@ tf.get_logger().setLevel("ERROR")  # TF's deprecation notices are not news to th
 
 TOKENIZER_FILES = ["hparams.json", "encoder.json", "vocab.bpe"]
 ESTIMATE_AFTER = 3  # steps before the time-left estimate (the first one is not typical)
+FP16_RETRIES = 10  # float16 steps whose loss overflowed before it counts as diverged
 
 
 class TrainingFailed(Exception):
@@ -81,8 +82,8 @@ def session_config():
     return config
 
 
-def start_session():
-    return tf.compat.v1.Session(config=session_config())
+def start_session(precision_name="fp32"):
+    return tf.compat.v1.Session(config=precision.configure(session_config(), precision_name))
 
 
 class Device:
@@ -93,10 +94,13 @@ class Device:
         gpus = [d for d in device_lib.list_local_devices(session_config=session_config())
                 if d.device_type == "GPU"]
         self.gpu = bool(gpus)
+        self.capability = None  # a GPU's compute capability, (8, 9) for an L4
         if gpus:  # physical_device_desc: "device: 0, name: NVIDIA L4, pci bus id: ..., compute capability: 8.9"
             fields = dict(f.split(": ", 1) for f in gpus[0].physical_device_desc.split(", ") if ": " in f)
             self.memory = gpus[0].memory_limit  # what TensorFlow may allocate on it
             self.name = f"GPU: {fields.get('name', gpus[0].name)}, {self.memory / 2**30:.1f} GiB"
+            if "compute capability" in fields:
+                self.capability = tuple(int(n) for n in fields["compute capability"].split("."))
         else:
             self.memory = available_memory()
             self.name = f"CPU, {len(os.sched_getaffinity(0))} threads"
@@ -132,19 +136,6 @@ def require_gpu():
                  if info.get("is_cuda_build") else "a CPU-only build")
         raise UsageError(f"a GPU was required (--require-gpu) but TensorFlow {tf.__version__} "
                          f"({built}) sees none: check the driver with nvidia-smi")
-
-
-def parameter_count(hp):
-    return hp.n_vocab * hp.n_embd + hp.n_ctx * hp.n_embd + hp.n_layer * (12 * hp.n_embd ** 2 + 13 * hp.n_embd)
-
-
-def training_memory(hp, batch_size, window):
-    """Rough bytes one training step needs: weights, Adam's two moments and the gradient
-    accumulator (4 copies of the parameters), plus the activations kept for the backward pass
-    (per token and layer ~34 values of n_embd and 5 attention maps, Korthikanti et al. 2022, in
-    float32) and the logits with their softmax and gradient."""
-    per_token = hp.n_layer * (34 * hp.n_embd + 5 * hp.n_head * window) * 2 + 3 * hp.n_vocab * 4
-    return 16 * parameter_count(hp) + batch_size * window * per_token
 
 
 def duration(seconds):
@@ -244,13 +235,11 @@ class Trainer:
         if self.window > n_ctx:
             raise UsageError(f"--window {self.window} is above the model's n_ctx {n_ctx}")
         self.device = Device()
-        print(f"Training on {self.device}")
-        needed = training_memory(self.hparams, args.batch_size, self.window)
-        if needed > self.device.memory:
-            raise UsageError(
-                f"--batch-size {args.batch_size} of {self.window}-token windows needs about "
-                f"{needed / 2**30:.1f} GiB and {self.device.name.split(',')[0]} has "
-                f"{self.device.memory / 2**30:.1f} GiB free: use a smaller --batch-size or --window")
+        self.precision, why = precision.choose(args.precision, self.device.capability)
+        print(f"Training on {self.device} in {precision.describe(self.precision)} ({why})")
+        fit.check(self.hparams, fit.Options.from_args(args, self.window, self.precision), self.device.memory,
+                  "this GPU" if self.device.gpu else "this machine", cpu=not self.device.gpu,
+                  name=None if args.from_scratch else args.model)
         print(f"Loading dataset {args.dataset}")
         try:
             chunks = load_dataset(self.enc, args.dataset, combine=50000)
@@ -273,24 +262,30 @@ class Trainer:
             np.random.seed(args.seed)
             tf.compat.v1.set_random_seed(args.seed)
         self.context = tf.compat.v1.placeholder(tf.int32, [args.batch_size, None])
-        output = model.model(hparams=hparams, X=self.context)
+        # gpt-2-simple's graph, or the same built block by block (--recompute; float16's mask)
+        own_graph = args.recompute or self.precision == "fp16"
+        output = (blocks.model if own_graph else model.model)(hparams=hparams, X=self.context)
         self.loss = tf.reduce_mean(input_tensor=tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels=self.context[:, 1:], logits=output["logits"][:, :-1]))
         if args.sample_every > 0:
-            self.tf_sample = sample.sample_sequence(
-                hparams=hparams, length=min(args.sample_length, hparams.n_ctx - 1),
-                context=self.context, batch_size=args.batch_size, temperature=1.0, top_k=40)
+            with blocks.in_sampler(self.precision == "fp16"):
+                self.tf_sample = sample.sample_sequence(
+                    hparams=hparams, length=min(args.sample_length, hparams.n_ctx - 1),
+                    context=self.context, batch_size=args.batch_size, temperature=1.0, top_k=40)
 
         all_vars = [v for v in tf.compat.v1.trainable_variables() if "model" in v.name]
-        opt = tf.compat.v1.train.AdamOptimizer(learning_rate=args.learning_rate)
+        train_vars = optimizer.trained_variables(all_vars, args.train_layers)
+        self.loss_scale = optimizer.LossScale() if self.precision == "fp16" else None
+        opt = optimizer.Optimizer(
+            args.optimizer, args.learning_rate, loss_scale=self.loss_scale,
+            gradients=(lambda loss, xs: recompute.gradients(loss, xs, output, hparams)) if args.recompute else None)
         if args.accumulate_gradients > 1:
-            opt = AccumulatingOptimizer(opt=opt, var_list=all_vars)
+            opt = AccumulatingOptimizer(opt=opt, var_list=train_vars)
             self.opt_reset = opt.reset()
             self.opt_compute = opt.compute_gradients(self.loss)
             self.opt_apply = opt.apply_gradients()
         else:
-            grads = tf.gradients(ys=self.loss, xs=all_vars)
-            self.opt_apply = opt.apply_gradients(list(zip(grads, all_vars)))
+            self.opt_apply = opt.apply_gradients(opt.compute_gradients(self.loss, train_vars))
 
         self.all_finite = tf.reduce_all(input_tensor=[
             tf.reduce_all(input_tensor=tf.math.is_finite(v)) for v in all_vars])
@@ -298,7 +293,7 @@ class Trainer:
         # Relative paths in the `checkpoint` file ("model-200"), as in Colab runs: the folder can move.
         self.saver = tf.compat.v1.train.Saver(
             var_list=all_vars, max_to_keep=args.max_checkpoints, save_relative_paths=True)
-        self.sess = start_session()
+        self.sess = start_session(self.precision)
         self.sess.run(tf.compat.v1.global_variables_initializer())
 
     def restore(self):
@@ -396,6 +391,14 @@ class Trainer:
         """One optimizer step; its loss. A step that cannot be done raises TrainingFailed."""
         try:
             loss = self.run_step()
+            for _ in range(FP16_RETRIES if self.loss_scale else 0):
+                if not self.sess.run(self.loss_scale.skipped):
+                    break
+                tqdm.write(f"step {step}: float16 gradients overflowed, update skipped; loss scale now "
+                           f"{self.sess.run(self.loss_scale.scale):g}", file=sys.stderr)
+                if math.isfinite(loss):
+                    break
+                loss = self.run_step()  # a float16 loss that overflowed: the step again, on new windows
         except (MemoryError, tf.errors.ResourceExhaustedError):
             raise TrainingFailed(
                 f"out of memory at step {step} with --batch-size {self.args.batch_size} and "
