@@ -166,15 +166,18 @@ class SampleText:
     """One sample's text as tokens arrive: decoding, the stop markers, and what may be shown so far.
 
     As gpt-2-simple's generate(): text = prefix + generated text, cut at `truncate`, prefix dropped
-    when include_prefix is false, leading newlines stripped. Unlike gpt-2-simple it stops at the
-    first `truncate` or "<|endoftext|>" in the generated text, or when the end token is sampled."""
+    when include_prefix is false, leading newlines stripped (unless strip_newlines is false: an
+    OpenAI completion is exactly what was generated). Unlike gpt-2-simple it stops at the first
+    `truncate` (a string, or a list of strings: the first of any) or "<|endoftext|>" in the generated
+    text, or when the end token is sampled."""
 
-    def __init__(self, tokenizer, prefix, include_prefix, truncate):
+    def __init__(self, tokenizer, prefix, include_prefix, truncate, strip_newlines=True):
         self.decoder = TextDecoder(tokenizer)
         self.end_token = tokenizer.end_token
         self.head = prefix if include_prefix else ""
-        self.markers = [m for m in (truncate, END_OF_TEXT) if m]
-        self.truncate = truncate
+        self.stops = [truncate] if isinstance(truncate, str) else list(truncate or [])
+        self.markers = [m for m in (*self.stops, END_OF_TEXT) if m]
+        self.strip_newlines = strip_newlines
         self.generated = ""
         self.ids = []  # every sampled token id, in order
         self.stop_reason = None
@@ -199,9 +202,9 @@ class SampleText:
         self.generated += text
         hits = [(i, m) for m in self.markers if (i := self.generated.find(m, start)) >= 0]
         if hits:
-            i, m = min(hits, key=lambda hit: (hit[0], hit[1] != self.truncate))
+            i, m = min(hits, key=lambda hit: (hit[0], hit[1] not in self.stops))
             self.generated = self.generated[:i]
-            self.stop_reason = "truncate" if m == self.truncate else "end_token"
+            self.stop_reason = "truncate" if m in self.stops else "end_token"
 
     def text(self):
         """The text so far, holding back an ending that could still become a stop marker."""
@@ -209,7 +212,8 @@ class SampleText:
         if self.stop_reason is None:
             hold = max((k for m in self.markers for k in range(1, len(m)) if g.endswith(m[:k])), default=0)
             g = g[:len(g) - hold]
-        return (self.head + g).lstrip("\n")
+        text = self.head + g
+        return text.lstrip("\n") if self.strip_newlines else text
 
     def new_piece(self):
         text = self.text()
@@ -223,11 +227,12 @@ class Generation:
     tokens share the model's n_ctx positions (app.params.prompt_for checks it)."""
 
     def __init__(self, model, prompt, *, prefix, length, temperature, top_k, top_p, seed, nsamples,
-                 truncate, include_prefix):
+                 truncate, include_prefix, strip_newlines=True):
         self.model, self.prompt, self.length = model, prompt, length
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.rng = np.random.default_rng(seed)
-        self.samples = [SampleText(model.tokenizer, prefix, include_prefix, truncate) for _ in range(nsamples)]
+        self.samples = [SampleText(model.tokenizer, prefix, include_prefix, truncate, strip_newlines)
+                        for _ in range(nsamples)]
         self.result = None
 
     def __iter__(self):

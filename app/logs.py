@@ -11,16 +11,27 @@ import time
 import ujson
 
 logger = logging.getLogger("app")
-LOG_PROMPTS = os.environ.get("LOG_PROMPTS") == "1"  # else a request's log line has its prompt's length only
+LOG_PROMPTS = os.environ.get("LOG_PROMPTS") == "1"  # else a request's log line has its texts' lengths only
+TEXTS = ("prefix", "truncate", "stop", "user")  # what the user wrote: prompt, stop strings, OpenAI's user
+# Characters that end a line for some line-based readers (Python's splitlines, JavaScript) but that JSON
+# may leave raw: escaped, so that one log entry stays one line.
+LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 # Fields added to every line logged in this context: set per request (a contextvar follows the request's tasks).
 context = contextvars.ContextVar("log_context", default={})
 
 
 def private(params):
-    """Generation parameters as logged: the prefix (user text) only as its length, unless LOG_PROMPTS=1."""
+    """Generation parameters as logged: the user's texts (TEXTS) only as their lengths (`prefix_chars`;
+    a list of lengths for `stop`), unless LOG_PROMPTS=1."""
     if LOG_PROMPTS:
         return params
-    return {**{k: v for k, v in params.items() if k != "prefix"}, "prefix_chars": len(params["prefix"])}
+    logged = {}
+    for name, value in params.items():
+        if name not in TEXTS:
+            logged[name] = value
+        elif value is not None:
+            logged[f"{name}_chars"] = [len(v) for v in value] if isinstance(value, list) else len(value)
+    return logged
 
 
 def dumps(value):
@@ -44,7 +55,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return dumps(entry)
+        return dumps(entry).translate(LINE_BREAKS)
 
 
 def log(level, message, **fields):

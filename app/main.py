@@ -114,8 +114,11 @@ middleware = [
     *([Middleware(metrics.Metrics, routes=routes)] if METRICS else []),
     Middleware(RequestLog),
     Middleware(SecurityHeaders, page=STATIC_DIR / "index.html"),
+    # Authorization: the OpenAI SDK sends its (unchecked) key; Inference-Header-Content-Length: Triton's
+    # binary tensor data, which browser code can only split with the header exposed.
     Middleware(CORSMiddleware, allow_origins=ALLOWED_ORIGINS, allow_methods=["GET", "HEAD", "POST"],
-               allow_headers=["Authorization", "Content-Type"], expose_headers=["Retry-After"], max_age=600),
+               allow_headers=["Content-Type", "Authorization", "Inference-Header-Content-Length"],
+               expose_headers=["Retry-After", "Inference-Header-Content-Length"], max_age=600),
 ]
 
 # 404, 405 and 500 answer in the shape of the protocol whose path was asked.

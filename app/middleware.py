@@ -13,7 +13,7 @@ from app.logs import log
 
 class RequestLog:
     """One JSON log line per request: method, path, status, latency, plus what the route added
-    (request.state.log)."""
+    (request.state.log). A client that left before its answer ended is logged with status 499."""
 
     def __init__(self, app):
         self.app = app
@@ -32,6 +32,8 @@ class RequestLog:
             await self.app(scope, receive, send_status)
         finally:
             fields = scope.get("state", {}).get("log", {})
+            if fields.get("disconnected"):  # a stream's 200 went out before its client left
+                status[0] = 499
             level = logging.INFO if status[0] < 400 else logging.WARNING if status[0] < 500 else logging.ERROR
             latency = time.perf_counter() - started
             path = scope["path"]

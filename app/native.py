@@ -8,8 +8,8 @@ from app.engine import Generation
 from app.gate import run
 from app.http import BODY_MAX_BYTES, UJSONResponse, json_params, query_params, read_body, sse
 from app.params import ParamError, limits, parse, prompt_for
-from app.schema import (GENERATES, INTEGER, NUMBER, STRING, STRINGS, get, json_body, obj, responses, schema,
-                        sse_content)
+from app.schema import (GENERATES, INTEGER, NUMBER, STRING, STRINGS, budget, get, json_body, obj, responses,
+                        schema, sse_content)
 
 
 def shape(status, message, retry_after=None):
@@ -73,15 +73,18 @@ def paths(state):
                      "stop_reason": {"enum": ["length", "end_token", "truncate"]},
                      "texts": STRINGS, "stop_reasons": STRINGS}, ["text", "tokens", "stop_reason", "seconds"])
     piece = obj({"text": STRING}, ["text"])
+    work = budget(state.model.n_ctx, "nsamples")
     generate = responses(generated, error, GENERATES, {
         **json_body(generated), **sse_content(["message", "done", "error"], {"anyOf": [piece, generated, error]})})
     return {
         "/": {
             "get": {"summary": "Generate text (parameters in the query string)", "operationId": "generate_get",
+                    "description": work,
                     "parameters": [{"name": n, "in": "query", "required": False, "schema": schema(spec)}
                                    for n, spec in table.items()],
                     "responses": generate},
             "post": {"summary": "Generate text (parameters in a JSON body)", "operationId": "generate_post",
+                     "description": work,
                      "requestBody": {"required": False, "content": json_body(obj(
                          {n: schema(spec) for n, spec in table.items()}, additionalProperties=False))},
                      "responses": generate},

@@ -6,17 +6,17 @@ Errors are OpenAI's {"error": {"message", "type", "param", "code"}}, which its S
 BadRequestError (400), NotFoundError (404), RateLimitError (429)... Parameters this model cannot
 honour are refused by name unless they are given their neutral value.
 """
-import contextlib
 import re
 import time
 import uuid
 
 from app import answers, logs
 from app.engine import Generation
-from app.gate import run, steps
+from app.gate import run
 from app.http import UJSONResponse, json_params, read_body, sse
 from app.params import Boolean, Integer, Number, ParamError, Stop, Text, check, prompt_for
-from app.schema import BOOLEAN, GENERATES, INTEGER, STRING, get, json_body, obj, responses, schema, sse_content
+from app.schema import (BOOLEAN, GENERATES, INTEGER, STRING, budget, get, json_body, obj, responses, schema,
+                        sse_content)
 
 # What a neutral value looks like for each parameter we do not support: those values are accepted
 # (clients such as LangChain send them), anything else is refused naming the parameter.
@@ -95,59 +95,21 @@ def engine_arguments(values, table):
     """Generation's keyword arguments for OpenAI's values; `table` is the API's, whose lowest temperature
     is the engine's: below it (OpenAI's 0 included) decoding is greedy, as is top_p 0."""
     greedy = values["temperature"] < table["temperature"].low or values["top_p"] == 0
-    stops = values["stop"]
     return {"prefix": values["prompt"], "length": values["max_tokens"], "nsamples": values["n"],
             "seed": values["seed"], "temperature": 1.0 if greedy else values["temperature"],
             "top_k": 1 if greedy else 0, "top_p": 0.0 if greedy or values["top_p"] == 1 else values["top_p"],
-            # One stop string the engine stops at itself; more are cut here (StopText).
-            "truncate": stops[0] if len(stops) == 1 else None,
-            "include_prefix": False}  # echo adds the prompt here, exactly as given
+            "truncate": values["stop"],  # the engine stops each choice at its first stop string
+            "include_prefix": False,  # echo adds the prompt here, exactly as given
+            "strip_newlines": False}  # a completion is exactly what was generated
 
 
-class StopText:
-    """One choice's completion as pieces arrive, cut at the first stop string. `add` returns what may be
-    shown so far, holding back an ending that could still become a stop string."""
-
-    def __init__(self, stops):
-        self.stops, self.text, self.shown, self.stopped = stops, "", 0, False
-
-    def add(self, piece):
-        self.text += piece
-        hits = [i for s in self.stops if (i := self.text.find(s, self.shown)) >= 0]
-        if hits:
-            self.text, self.stopped = self.text[:min(hits)], True
-        end = len(self.text)
-        if not self.stopped:
-            end -= max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        piece, self.shown = self.text[self.shown:end], end
-        return piece
-
-    def finish(self):
-        piece, self.shown = self.text[self.shown:], len(self.text)
-        return piece
+def finish_reason(engine_reason):
+    return "stop" if engine_reason in ("end_token", "truncate") else "length"
 
 
-def finish_reason(stop_text, engine_reason):
-    return "stop" if stop_text.stopped or engine_reason in ("end_token", "truncate") else "length"
-
-
-async def complete(request, generation, gate, stops):
-    """Run a generation under app.gate's checks; (texts, finish reasons, completion tokens). With one
-    choice it ends as soon as a stop string appears; with several each is cut afterwards."""
-    if len(generation.samples) == 1:
-        cut = StopText(stops)
-        async with contextlib.aclosing(steps(request, generation, gate)) as pieces:
-            async for piece in pieces:
-                cut.add(piece)
-                if cut.stopped:
-                    return [cut.text], ["stop"], answers.tokens([generation])
-        result = generation.result
-        return [cut.text], [finish_reason(cut, result["stop_reason"])], result["tokens"]
-    result = await run(request, generation, gate)
-    cuts = [StopText(stops) for _ in result["texts"]]
-    for cut, text in zip(cuts, result["texts"]):
-        cut.add(text)
-    return [c.text for c in cuts], [finish_reason(c, r) for c, r in zip(cuts, result["stop_reasons"])], result["tokens"]
+def completion_tokens(model, texts):
+    """usage.completion_tokens: the tokens of the text returned (not of what was generated past a stop)."""
+    return sum(len(model.tokenizer.encode(text)) for text in texts)
 
 
 def answer(values, name, choices):
@@ -157,9 +119,8 @@ def answer(values, name, choices):
                         for i, (text, reason) in enumerate(choices)]}
 
 
-def usage(prompt_tokens, completion_tokens):
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens, completion):
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
 # ---------------------------------------------------------------- routes
@@ -187,24 +148,25 @@ async def completions(request):
                                   "prompt_tokens": len(prompt)}
     generation = Generation(state.model, prompt, **engine)
     if values["stream"]:
-        return await answers.stream(request, generation, shape, frame(values, state.name, len(prompt), generation,
-                                                                       fields), sse)
+        return await answers.stream(request, generation, shape,
+                                    frame(values, state.name, len(prompt), generation, state.model, fields), sse)
 
     async def work():
-        texts, reasons, tokens = await complete(request, generation, state.gate, values["stop"])
-        if values["echo"]:
-            texts = [values["prompt"] + text for text in texts]
-        fields.update(tokens=tokens, stop_reason=reasons[0])
-        return UJSONResponse({**answer(values, state.name, zip(texts, reasons)), "usage": usage(len(prompt), tokens)})
+        result = await run(request, generation, state.gate)
+        texts, reasons = result.get("texts", [result["text"]]), result.get("stop_reasons", [result["stop_reason"]])
+        choices = [(values["prompt"] + text if values["echo"] else text, finish_reason(reason))
+                   for text, reason in zip(texts, reasons)]
+        fields.update(tokens=result["tokens"], stop_reason=choices[0][1], seconds=result["seconds"])
+        return UJSONResponse({**answer(values, state.name, choices),
+                              "usage": usage(len(prompt), completion_tokens(state.model, texts))})
 
     return await answers.answer(request, [generation], shape, work)
 
 
-def frame(values, name, prompt_tokens, generation, fields):
+def frame(values, name, prompt_tokens, generation, model, fields):
     """OpenAI's Server-Sent Events: a text_completion chunk per new piece, one with the finish_reason,
     (a usage chunk if stream_options asked for it), then `data: [DONE]`. An error is a chunk with
     "error", which the SDK raises."""
-    cut = StopText(values["stop"])
 
     def chunk(text, reason=None):
         return sse(answer(values, name, [(text, reason)]))
@@ -213,17 +175,14 @@ def frame(values, name, prompt_tokens, generation, fields):
         if values["echo"]:
             yield chunk(values["prompt"])
         async for piece in pieces:
-            if shown := cut.add(piece):
-                yield chunk(shown)
-            if cut.stopped:
-                fields["stop_reason"] = "stop"
-                break
-        if rest := cut.finish():
-            yield chunk(rest)
+            if piece:
+                yield chunk(piece)
         result = generation.result
-        yield chunk("", finish_reason(cut, result and result["stop_reason"]))
+        fields["stop_reason"] = finish_reason(result["stop_reason"])  # logged as OpenAI's
+        yield chunk("", fields["stop_reason"])
         if values["include_usage"]:
-            yield sse({**answer(values, name, []), "usage": usage(prompt_tokens, answers.tokens([generation]))})
+            tokens = completion_tokens(model, [result["text"]])
+            yield sse({**answer(values, name, []), "usage": usage(prompt_tokens, tokens)})
         yield "data: [DONE]\n\n"
 
     return events
@@ -266,6 +225,7 @@ def paths(state):
     return {
         "/v1/completions": {"post": {
             "summary": "OpenAI-compatible completion", "operationId": "openai_completions",
+            "description": budget(state.model.n_ctx, "n", "max_tokens"),
             "requestBody": {"required": True,
                             "content": json_body(obj(properties, ["model"], additionalProperties=False))},
             "responses": responses(completion, error, (*GENERATES, 404), {

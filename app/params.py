@@ -12,9 +12,11 @@ TRUE, FALSE = ("true", "1"), ("false", "0")
 
 
 class ParamError(Exception):
-    def __init__(self, message, parameter=None, status=400):
+    """message: the answer's; logged: the log's, where the message quotes a field as sent (see app/logs.py)."""
+
+    def __init__(self, message, parameter=None, status=400, logged=None):
         super().__init__(message)
-        self.message, self.parameter, self.status = message, parameter, status
+        self.message, self.parameter, self.status, self.logged = message, parameter, status, logged or message
 
 
 class Integer:
@@ -152,7 +154,8 @@ class Stop:
 
 def check(table, given, hints=None):
     """Every parameter of `table`: its default when absent or null, else its parsed value; a ParamError
-    names the first one that is wrong and what it accepts."""
+    names the first one that is wrong and what it accepts. A text parameter's value is never shown
+    (the message goes to the log too): only its length or type."""
     values = {}
     for name, spec in table.items():
         value = given.get(name)
@@ -161,13 +164,29 @@ def check(table, given, hints=None):
             continue
         parsed = spec.parse(value)
         if parsed is None:
-            if isinstance(spec, (Text, Stop)) and isinstance(value, str):
-                shown = f"{len(value)} characters"  # not the user's text: it goes to the logs too
-            else:
-                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            if isinstance(spec, (Text, Stop)) and has_lone_surrogate(value):
+                raise ParamError(f"{name} must be a string of whole characters, got a lone surrogate (half of a "
+                                 "UTF-16 pair, such as \\ud83d from a cut emoji)", name)
+            shown = kind(value) if isinstance(spec, (Text, Stop)) else \
+                repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
             raise ParamError(f"{name} must be {spec.describe()}{(hints or {}).get(name, '')}, got {shown}", name)
         values[name] = parsed
     return values
+
+
+def kind(value):
+    """What a value is, without its content: for messages and logs that must not show the user's text."""
+    if isinstance(value, str):
+        return f"{len(value)} characters"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    return {dict: "an object", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+
+
+def has_lone_surrogate(value):
+    """A string (or a list with one) holding half of a UTF-16 pair, which a JSON \\ud800 escape can give."""
+    texts = value if isinstance(value, list) else [value]
+    return any(isinstance(t, str) and any("\ud800" <= c <= "\udfff" for c in t) for t in texts)
 
 
 def parse(table, given):
@@ -183,20 +202,22 @@ def parse(table, given):
     return values
 
 
-def prompt_for(model, values):
+def prompt_for(model, values, texts=1):
     """The prefix as token ids (gpt-2-simple starts from <|endoftext|> without one), checked against n_ctx:
-    all samples together hold at most n_ctx tokens, prefix included, which bounds a request's memory
-    (its share of the key/value cache) and its time."""
-    prefix, nsamples = values["prefix"], values["nsamples"]
+    a request's samples (nsamples) of all its texts (V2 sends several) share n_ctx tokens, each one's
+    prefix included, which bounds a request's memory (its share of the key/value cache) and its time."""
+    prefix, shares = values["prefix"], values["nsamples"] * texts
     if not prefix:
         prompt = [model.tokenizer.end_token]
     else:
         prompt = model.tokenizer.encode(prefix)
         if model.tokenizer.decode(prompt) != prefix:
             raise ParamError("prefix has characters the model's vocabulary cannot encode", "prefix")
-    context = model.n_ctx // nsamples
-    budget = f"{model.n_ctx} tokens (the model's context)" if nsamples == 1 else \
-        f"{context} tokens with nsamples={nsamples} (the model's context, {model.n_ctx}, shared by the samples)"
+    context = model.n_ctx // shares
+    sharing = f"nsamples={values['nsamples']}" if texts == 1 else f"{texts} texts"
+    budget = f"{model.n_ctx} tokens (the model's context)" if shares == 1 else \
+        f"{context} tokens with {sharing} (the model's context, {model.n_ctx}, shared by the " \
+        f"{'samples' if texts == 1 else 'texts'})"
     room = context - len(prompt)
     if room < 1:
         raise ParamError(f"prefix is {len(prompt)} tokens; prefix and length together can be at most {budget}",

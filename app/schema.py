@@ -60,6 +60,12 @@ DESCRIPTIONS = {400: "a parameter is wrong; the message says which and what it a
 GENERATES = (400, 408, 413, 415, 429, 503)  # the statuses of a route that generates
 
 
+def budget(n_ctx, shared_by, length="length"):
+    """The bound on one request's work, as the operations state it (params.prompt_for checks it)."""
+    return (f"One request's work is bounded by the model's context: {shared_by} × (prompt tokens + {length}) "
+            f"≤ n_ctx = {n_ctx} tokens. Over it: a 400 that states the limit.")
+
+
 def get(summary, operation, answer, error=None, codes=(), parameters=()):
     return {"get": {"summary": summary, "operationId": operation, "parameters": list(parameters),
                     "responses": responses(answer, error, codes)}}

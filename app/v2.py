@@ -6,7 +6,8 @@
     GET  /v2/models/NAME/ready
     POST /v2/models/NAME/infer        the prefixes in text_input, the generation settings (GET /limits'
                                       names) as request `parameters`; one text out per text in, run one
-                                      after another under the same gate as GET/POST /
+                                      after another under the same gate as GET/POST /, all of them
+                                      together within the model's context (params.prompt_for)
 
 Tensors travel as JSON or with Triton's binary tensor data extension (what tritonclient sends by
 default: a JSON header of Inference-Header-Content-Length bytes, then each BYTES element as a 4-byte
@@ -18,15 +19,16 @@ import time
 
 from starlette.responses import Response
 
-from app import answers
+from app import answers, logs
 from app.engine import Generation
 from app.gate import run
 from app.http import UJSONResponse, json_object, read_body
-from app.params import ParamError, alias_specs, parse, prompt_for, unalias
-from app.schema import BOOLEAN, GENERATES, INTEGER, STRING, STRINGS, get, json_body, obj, responses, schema
+from app.params import ParamError, alias_specs, kind, parse, prompt_for, unalias
+from app.schema import (BOOLEAN, GENERATES, INTEGER, STRING, STRINGS, budget, get, json_body, obj, responses,
+                        schema)
 
 INPUT, OUTPUT = "text_input", "text_output"
-MAX_TEXTS = 4  # texts in one request: they hold the gate one after another
+MAX_TEXTS = 4  # texts in one request: they hold the gate one after another, sharing n_ctx tokens
 NOT_PARAMETERS = ("prefix", "stream", "nsamples")  # the text is the input; one text out per text in
 
 
@@ -63,8 +65,12 @@ def pack_bytes(items):
     return b"".join(len(item).to_bytes(4, "little") + item for item in items)
 
 
-def read_request(body, header_length):
-    """(texts, generation parameters, request id, whether to answer in binary) from an infer body."""
+def read_request(body, header_lengths):
+    """(texts, generation parameters, request id, whether to answer in binary) from an infer body and its
+    Inference-Header-Content-Length headers. An error that quotes a tensor name logs only its length."""
+    if len(header_lengths) > 1:
+        raise ParamError("Inference-Header-Content-Length is given more than once")
+    header_length = header_lengths[0] if header_lengths else None
     if header_length is None:
         header, binary = body, b""
     elif header_length.isascii() and header_length.isdigit() and int(header_length) <= len(body):
@@ -82,7 +88,8 @@ def read_request(body, header_length):
         raise ParamError(f"the model takes exactly one input tensor, {INPUT}")
     tensor = data["inputs"][0]
     if tensor.get("name") != INPUT:
-        raise ParamError(f"unknown input {tensor.get('name')!r}; the model's input is {INPUT}")
+        raise ParamError(f"unknown input {tensor.get('name')!r}; the model's input is {INPUT}",
+                         logged=f"unknown input ({kind(tensor.get('name'))}); the model's input is {INPUT}")
     if tensor.get("datatype") != "BYTES":
         raise ParamError(f"{INPUT} must have datatype BYTES, got {tensor.get('datatype')!r}")
     shape = tensor.get("shape")
@@ -93,6 +100,8 @@ def read_request(body, header_length):
         raise ParamError(f"{INPUT}'s parameters must be an object")
     size = tensor_params.get("binary_data_size")
     if size is not None:
+        if "data" in tensor:
+            raise ParamError(f"{INPUT} has both data and binary_data_size: send its elements one way")
         if type(size) is not int or size != len(binary):
             raise ParamError(f"{INPUT}'s binary_data_size must be the {len(binary)} bytes after the JSON header")
         items = unpack_bytes(binary)
@@ -114,10 +123,13 @@ def read_request(body, header_length):
         raise ParamError('"parameters" must be an object and "outputs" a list')
     parameters = dict(parameters)
     binary_out = parameters.pop("binary_data_output", False) is True
+    if len(outputs) > 1:
+        raise ParamError(f"the model has one output, {OUTPUT}: list it once")
     for output in outputs:
         if not isinstance(output, dict) or output.get("name") != OUTPUT:
-            raise ParamError(f"unknown output {output.get('name') if isinstance(output, dict) else output!r}; "
-                             f"the model's output is {OUTPUT}")
+            name = output.get("name") if isinstance(output, dict) else output
+            raise ParamError(f"unknown output {name!r}; the model's output is {OUTPUT}",
+                             logged=f"unknown output ({kind(name)}); the model's output is {OUTPUT}")
         if not isinstance(output.get("parameters") or {}, dict):
             raise ParamError(f"{OUTPUT}'s parameters must be an object")
         binary_out = (output.get("parameters") or {}).get("binary_data", binary_out) is True
@@ -178,19 +190,21 @@ async def infer(request):
     try:
         check_name(request)
         texts, parameters, request_id, binary_out = read_request(
-            await read_body(request), request.headers.get("inference-header-content-length"))
+            await read_body(request), request.headers.getlist("inference-header-content-length"))
         parameters = unalias(state.table, parameters)  # max_tokens, max_new_tokens, stop
         check_parameters(state.table, parameters)
         runs = []
         for text in texts:
             values = parse(state.table, {**parameters, "prefix": text})
-            runs.append((prompt_for(state.model, values), values))
+            runs.append((prompt_for(state.model, values, len(texts)), values))
     except ParamError as e:
-        message = re.sub(r"\bprefix\b", INPUT, e.message)  # the checks shared with GET / call the text so
-        request.state.log = {"error": message, "parameter": INPUT if e.parameter == "prefix" else e.parameter}
+        # The checks shared with GET / call the text prefix.
+        message, logged = (re.sub(r"\bprefix\b", INPUT, m) for m in (e.message, e.logged))
+        request.state.log = {"error": message if logs.LOG_PROMPTS else logged,
+                             "parameter": INPUT if e.parameter == "prefix" else e.parameter}
         return error(e.status, message)
 
-    request.state.log = fields = {"params": {k: v for k, v in runs[0][1].items() if k != "prefix"},
+    request.state.log = fields = {"params": logs.private(runs[0][1]),
                                   "texts": len(texts), "prompt_tokens": [len(prompt) for prompt, _ in runs]}
     generations = [Generation(state.model, prompt, **{k: v for k, v in values.items() if k != "stream"})
                    for prompt, values in runs]
@@ -265,6 +279,8 @@ def paths(state):
                                        error, (400,), model),
         "/v2/models/{name}/infer": {"post": {
             "summary": "V2 inference: texts in text_input, generated texts in text_output",
+            "description": budget(state.model.n_ctx, "texts in text_input") + f" Up to {MAX_TEXTS} texts, "
+                           "generated one after another.",
             "operationId": "v2_infer", "parameters": model,
             "requestBody": {"required": True, "content": json_body(request)},
             "responses": responses(answer, error, [c for c in GENERATES if c != 415], {
