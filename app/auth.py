@@ -52,4 +52,5 @@ def required(endpoint, shape, accepted):
         request.state.log = {"error": "wrong API key" if given else "no API key"}  # never the key itself
         return UJSONResponse(shape(401, message), 401, headers={"WWW-Authenticate": "Bearer"})
 
+    guarded.needs_key = True  # for /openapi.json (app/openapi.py)
     return guarded

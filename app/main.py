@@ -92,7 +92,8 @@ def keyed(endpoint, shape):
 routes = [
     Route("/", keyed(native.generate, native.shape), methods=["GET", "HEAD", "POST"]),
     Route("/limits", native.limits_route, methods=["GET"]),
-    Route("/openapi.json", openapi.route(native.paths, openai_api.paths, v2.paths, generate.paths), methods=["GET"]),
+    Route("/openapi.json", openapi.route(native.paths, openai_api.paths, v2.paths, generate.paths,
+                                         *([metrics.paths] if METRICS else [])), methods=["GET"]),
     Route("/v1/completions", keyed(openai_api.completions, openai_api.shape), methods=["POST"]),
     Route("/v1/models", openai_api.models, methods=["GET"]),
     Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),

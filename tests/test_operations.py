@@ -233,6 +233,19 @@ def test_each_protocol_answers_401_in_its_shape_and_the_rest_stays_open(keyed):
     assert KEY not in text and FILE_KEY not in text and "wrong API key" in text and "no API key" in text
 
 
+def test_openapi_says_which_operations_need_a_key(keyed, server):
+    spec = httpx.get(keyed.url + "/openapi.json", timeout=10).json()
+    assert spec["components"]["securitySchemes"] == {"apiKey": {"type": "http", "scheme": "bearer"}}
+    keyed_operations = {(path, method) for path, item in spec["paths"].items() for method, operation in item.items()
+                        if "security" in operation}
+    assert keyed_operations == {("/", "get"), ("/", "post"), ("/v1/completions", "post"),
+                                ("/v2/models/{name}/infer", "post"), ("/v2/models/{name}/generate", "post"),
+                                ("/v2/models/{name}/generate_stream", "post")}
+    error = spec["paths"]["/v1/completions"]["post"]["responses"]["401"]["content"]["application/json"]["schema"]
+    assert error["required"] == ["error"] and "message" in error["properties"]["error"]["properties"]
+    assert "components" not in httpx.get(server.url + "/openapi.json", timeout=10).json()  # no keys: all open
+
+
 @pytest.mark.parametrize("content, message", [(None, "cannot be read"), ("\n \n", "has no key")])
 def test_a_bad_keys_file_stops_the_start(tiny_run, tmp_path, content, message):
     path = tmp_path / "keys"
@@ -261,9 +274,10 @@ def logged(server, marker):
     ({}, None, None, None),
     ({"traceparent": "junk"}, None, None, None),
 ])
-def test_trace_fields_mark_the_requests_log_lines(server, headers, trace, span, sampled):
-    seed = abs(hash(repr(headers))) % 2**31
-    r = generate(server, {"text_input": TEXT, "max_tokens": 3, "seed": seed}, headers=headers)
+@pytest.mark.parametrize("route", ["generate", "generate_stream"])
+def test_trace_fields_mark_the_requests_log_lines(server, headers, trace, span, sampled, route):
+    seed = abs(hash(repr((headers, route)))) % 2**31
+    r = generate(server, {"text_input": TEXT, "max_tokens": 3, "seed": seed}, route, headers=headers)
     assert r.status_code == 200
     [line] = logged(server, seed)
     if trace is None:

@@ -454,3 +454,29 @@ def test_network_failure_is_said(watched, site, api, limits, out_dir):
     expect(page.locator("#api-error")).to_contain_text("https://")
     assert page.evaluate("localStorage.getItem('gpt2-run.api')") == dead
     assert not watched.errors
+
+
+def test_an_api_key_typed_on_the_page_is_sent_and_kept_for_the_tab_only(make_page, site, tiny_run, limits, out_dir):
+    key = "page-key-0123456789"
+    with serve(tiny_run, site, out_dir / "server-keyed.log", API_KEYS=key) as keyed:
+        watched = make_page()
+        page = open_page(watched, site, keyed.url, limits)  # /limits stays open
+        fill(page, "Let me in ", length=8, seed=1)
+        page.click("#generate")
+        expect(page.locator("#form-error")).to_contain_text("this server needs an API key")
+        expect(page.locator("#server")).to_have_attribute("open", "")  # where the key goes
+        wait_done(page)
+        page.fill("#key", key)
+        page.click("#generate")
+        wait_done(page)
+        expect(page.locator("#meta")).to_contain_text("tokens in")
+        page.screenshot(path=out_dir / "api-key.png", full_page=True)
+        assert page.evaluate("sessionStorage.getItem('gpt2-run.key')") == key
+        assert key not in page.evaluate("JSON.stringify(localStorage)")
+        page.reload()
+        expect(page.locator("#key")).to_have_value(key)  # same tab: still there
+        other = make_page()  # a new browser session: gone
+        open_page(other, site, keyed.url, limits)
+        expect(other.page.locator("#key")).to_have_value("")
+        assert not watched.errors and not other.errors
+    assert key not in (out_dir / "server-keyed.log").read_text()

@@ -1,0 +1,77 @@
+"""Do API keys, /metrics and trace-correlated logs slow a generation? Two `python -m app` on the same model,
+one with all three on (API_KEYS, METRICS=1, GOOGLE_CLOUD_PROJECT, a traceparent on every request) and one
+with all off, asked in turn (interleaved, so machine load hits both alike) for the same generation;
+prints tokens per second of each and their ratio.
+
+    python scripts/ops_overhead.py RUN_DIR [--rounds 8] [--length 100]
+"""
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "overhead-key-0123456789"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(run_dir, **env):
+    port = free_port()
+    env = {**os.environ, "MODEL_DIR": str(run_dir), "PORT": str(port), "HOST": "127.0.0.1", **env}
+    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.head(url + "/", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    sys.exit(f"the server on {run_dir} did not start")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--length", type=int, default=100)
+    args = parser.parse_args()
+    on = start(args.run_dir, API_KEYS=KEY, METRICS="1", GOOGLE_CLOUD_PROJECT="overhead")
+    off = start(args.run_dir, API_KEYS="", METRICS="0", GOOGLE_CLOUD_PROJECT="")
+    headers = {"on": {"Authorization": f"Bearer {KEY}",
+                      "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}, "off": {}}
+    body = {"prefix": "The cat ", "length": args.length, "seed": 1, "temperature": 1.0, "top_k": 0}
+    rates = {"on": [], "off": []}
+    try:
+        for i in range(args.rounds + 1):  # round 0 warms both up and is not counted
+            for name, (_, url) in (("on", on), ("off", off))[::1 if i % 2 else -1]:  # alternate who goes first
+                started = time.perf_counter()
+                answer = httpx.post(url + "/", json=body, headers=headers[name], timeout=300).json()
+                if i:
+                    rates[name].append(answer["tokens"] / (time.perf_counter() - started))
+        if httpx.get(on[1] + "/metrics", timeout=10).status_code != 200:
+            sys.exit("metrics are not on in the 'on' server")
+    finally:
+        for proc, _ in (on, off):
+            proc.terminate()
+            proc.wait(timeout=15)
+    for name in ("on", "off"):
+        print(f"{name:>3}: median {statistics.median(rates[name]):.1f} tokens/s "
+              f"(min {min(rates[name]):.1f}, max {max(rates[name]):.1f}, {args.rounds} requests of {args.length})")
+    print(f"on / off: {statistics.median(rates['on']) / statistics.median(rates['off']):.3f}")
+
+
+if __name__ == "__main__":
+    main()
