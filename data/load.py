@@ -485,7 +485,9 @@ def main(argv=None):
         for path in args.files:
             kind, counts = loader.load_file(path)
             print("\n".join(summary_lines(path, kind, counts)), flush=True)
-            empty += filter(None, [no_rows(path, args.kind, counts)])
+            reason = no_rows(path, args.kind, counts)
+            if reason:
+                empty.append(reason)
     except UsageError as e:
         unchanged = f"; nothing from {path} was loaded" if path and str(path) in str(e) else ""
         print(f"error: {e}{unchanged}", file=sys.stderr)

@@ -491,7 +491,7 @@ def own_checkpoints(run_dir):
     latest = here(state.model_checkpoint_path)
     found = [here(p) for p in state.all_model_checkpoint_paths]
     kept = list(dict.fromkeys(p for p in found if p and p != latest))  # oldest first, the latest last
-    return latest, kept + [latest] if latest else kept
+    return latest, (kept + [latest] if latest else kept)
 
 
 def checkpoint_step(prefix):

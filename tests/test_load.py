@@ -365,28 +365,28 @@ def test_hostile_file_in_bounded_memory(bigquery, tmp_path):
     assert (status, stderr) == (0, "")
     counts = figures(stdout)
     assert (counts["lines"], counts["bad: too long"], counts["bad: not JSON"], counts["staged"]) == (5, 2, 1, 2)
-    assert peak - baseline < 40, f"{peak:.0f} MB against {baseline:.0f} MB for a small file"  # measured: +14 MB
+    assert peak - baseline < 40, f"{peak:.0f} MB against {baseline:.0f} MB for a small file"  # measured: +21 MB
 
     body = "y" * (load.MAX_LINE - 200_000) + "\U0001F600\ud83d"
     longest = write_runs(tmp_path / "longest.zst", [line(comment(4, body))])
     status, stdout, stderr, peak = load_with_peak(longest, "--table", table, "--endpoint", bigquery.url)
     assert (status, stderr) == (0, "")
     assert figures(stdout)["repaired: lone surrogates"] == 1
-    assert peak - baseline < 250, f"{peak:.0f} MB against {baseline:.0f} MB for a small file"  # measured: +175 MB
+    assert peak - baseline < 250, f"{peak:.0f} MB against {baseline:.0f} MB for a small file"  # measured: +176 MB
     assert rows(bigquery, table, "id, LENGTH(body)") == [("c1", 5), ("c2", 6), ("c3", 5), ("c4", len(body))]
 
 
 def test_a_long_line_takes_linear_time(tmp_path):
     """Four times the line, about four times the time (it was quadratic: 50 MB 9.7 s, 200 MB 180 s)."""
     files = {size: write_runs(tmp_path / f"{size}.zst", [(b"a", size), b"\n", line(comment(1, "x"))])
-             for size in (40 * 10**6, 160 * 10**6)}
+             for size in (50 * 10**6, 200 * 10**6)}
     best = dict.fromkeys(files, float("inf"))
     for _ in range(3):  # interleaved, the best of three: the machine is shared
         for size, path in files.items():
             began = time.perf_counter()
             assert len(list(load.dump_lines(path))) == 2
             best[size] = min(best[size], time.perf_counter() - began)
-    ratio = best[160 * 10**6] / best[40 * 10**6]
+    ratio = best[200 * 10**6] / best[50 * 10**6]
     assert ratio < 6, f"{best}: {ratio:.1f}x for a line 4x longer"
 
 
@@ -399,7 +399,7 @@ def test_odd_lines_are_bad_lines_or_repaired_never_a_traceback(bigquery, tmp_pat
         '{"id": "c3", "nested": ' + "[" * 1000 + "]" * 1000 + "}",
         json.dumps(comment(4, "digits", created="1546300800")),
         json.dumps(comment(5, "underscores", created="1_546_300_800")),
-        json.dumps(comment(6, "Arabic-Indic digits", created="\u0661\u0665\u0664\u0666\u0663\u0660\u0660\u0668\u0660\u0660")),
+        json.dumps(comment(6, "Arabic-Indic digits", created="".join(chr(0x660 + int(d)) for d in "1546300800"))),
         json.dumps(comment(7, "padded", created=" 1546300800")),
         json.dumps(comment(8, "a sign", created="+1546300800")),
         json.dumps(comment(9, "a fraction as text", created="1546300800.5")),
@@ -454,7 +454,8 @@ def test_a_file_that_yields_no_rows_is_an_error(bigquery, tmp_path):
 
     result = run_load(posts, "--kind", "comments", "--table", table, "--endpoint", bigquery.url, "--quiet")
     assert (result.returncode, result.stderr) == (
-        1, f"error: {posts}: no rows: all 4 lines are bad (most: missing field); is it a file of posts, not comments?\n")
+        1, f"error: {posts}: no rows: all 4 lines are bad (most: missing field); is it a file of posts, "
+           "not comments?\n")
     result = run_load(good, "--subreddit", "AskReddit", "--table", table, "--endpoint", bigquery.url, "--quiet")
     assert (result.returncode, result.stderr) == (
         1, f"error: {good}: no rows: none of its 1 records is of the --subreddit given\n")
