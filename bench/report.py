@@ -32,11 +32,11 @@ def summarize(results):
 def summarize_peer(peer):
     """Medians over the rounds for each server, and ours / llama-server's for each figure."""
     def figures(f):
-        return {"cold_start_s": f["cold_start_s"], "peak_mb": f["peak_mb"],
+        return {"cold_start_s": f["cold_start_s"], "cold_start_cpu_s": f["cold_start_cpu_s"], "peak_mb": f["peak_mb"],
                 "tokens_per_s": median([r["tokens"] / r["seconds"] for r in f["warm"]])}
 
     per_round = [{name: figures(f) for name, f in r.items()} for r in peer["rounds"]]
-    summary = {name: {key: median([r[name][key] for r in per_round]) for key in PEER_TARGETS}
+    summary = {name: {key: median([r[name][key] for r in per_round]) for key in per_round[0][name]}
                for name in ("ours", "llama_server")}
     summary["rounds"] = per_round
     ratios = {key: summary["ours"][key] / summary["llama_server"][key] for key in PEER_TARGETS}
@@ -179,6 +179,10 @@ def peer_table(results):
         t = s["targets"][key]
         lines.append(f"| {what} | {fmt(s['ours'][key], digits)} | {fmt(s['llama_server'][key], digits)} "
                      f"| {t['value']:.2f}x | {t['target']}: {'met' if t['met'] else 'MISSED'} |")
+        if key == "cold_start_s":
+            ours, theirs = s["ours"]["cold_start_cpu_s"], s["llama_server"]["cold_start_cpu_s"]
+            lines.append(f"| CPU time to that answer, all threads (s) | {fmt(ours)} | {fmt(theirs)} "
+                         f"| {ratio(ours, theirs)} | |")
     lines += ["", "Round by round (ours / llama-server): " + "; ".join(
         f"{i + 1}: cold start {r['ours']['cold_start_s']:.2f} / {r['llama_server']['cold_start_s']:.2f} s, "
         f"peak {r['ours']['peak_mb']:.0f} / {r['llama_server']['peak_mb']:.0f} MB, "
