@@ -314,12 +314,12 @@ def peer_chart(results, axes):
     for ax, (key, title, unit) in zip(axes, [
             ("cold_start_s", "Cold start to a 20-token answer", "seconds (lower is better)"),
             ("peak_mb", "Peak RSS", "MB (lower is better)"),
-            ("tokens_per_s", "Speed, 100 tokens, 1 thread", "tokens/s (higher is better)")]):
+            ("tokens_per_s", "Speed: 100-token answers, 1 thread", "tokens/s (higher is better)")]):
         ax.bar(labels, [s[n][key] for n in names], color=colors, alpha=0.8)
         for i, n in enumerate(names):
             ax.plot([i] * len(s["rounds"]), [r[n][key] for r in s["rounds"]], "k.", markersize=5)
         t = s["targets"][key]
-        ax.set_title(f"{title}: {t['value']:.2f}x ({t['target']})", fontsize=9)
+        ax.set_title(f"{title}\nours / llama-server {t['value']:.2f}x (target {t['target'].split('x')[0]}x)", fontsize=9)
         ax.set_ylabel(unit)
 
 
