@@ -17,10 +17,10 @@ END_OF_TEXT = "<|endoftext|>"
 
 
 class Tokenizer:
-    def __init__(self, run_dir, n_vocab=None, model=None):
-        """`model`: the run's LlamaModel; without one, the vocabulary is read from the run's GGUF file.
-        ValueError when encoder.json is corrupt, or has ids outside the model's 0..n_vocab-1 (the
-        export no longer matches the run's files)."""
+    def __init__(self, run_dir, n_vocab=None):
+        """ValueError when encoder.json is corrupt, or has ids outside the model's 0..n_vocab-1 (the
+        export no longer matches the run's files). `model` is the run's LlamaModel, whose vocabulary
+        encodes and decodes: set it once loaded, else the first use loads the vocabulary of the GGUF file."""
         run_dir = Path(run_dir)
         encoder = json.loads((run_dir / "encoder.json").read_text(encoding="utf-8"))
         if not isinstance(encoder, dict) or not encoder:
@@ -31,21 +31,25 @@ class Tokenizer:
                                  f"(n_vocab {n_vocab})")
         self.n_vocab = max(encoder.values()) + 1
         self.end_token = encoder.get(END_OF_TEXT)
-        del encoder  # 50,000 strings: gone before the model's memory is counted
-        if model is None:
-            weights = run_dir / "weights"
-            model = LlamaModel(weights / json.loads((weights / "manifest.json").read_text())["gguf"], None, 0, 0)
-        self._model = model
+        self.run_dir = run_dir
+        self.model = None
         self._bytes = {}  # id -> bytes, filled as ids are decoded
 
+    def _vocabulary(self):
+        if self.model is None:
+            weights = self.run_dir / "weights"
+            self.model = LlamaModel(weights / json.loads((weights / "manifest.json").read_text())["gguf"], None, 0, 0)
+        return self.model
+
     def encode(self, text):
-        return self._model.tokenize(text)
+        return self._vocabulary().tokenize(text)
 
     def token_bytes(self, token_id):
         """The bytes `token_id` stands for; b"" for an id outside the vocabulary."""
         piece = self._bytes.get(token_id)
         if piece is None:
-            piece = self._bytes[token_id] = self._model.piece(token_id) if 0 <= token_id < self.n_vocab else b""
+            piece = self._bytes[token_id] = (self._vocabulary().piece(token_id) if 0 <= token_id < self.n_vocab
+                                             else b"")
         return piece
 
     def decode(self, ids):

@@ -5,7 +5,8 @@
 # -march=native, no OpenMP), so both servers run the same kernels. Static, without the web UI or
 # HTTPS. Cached in $LLAMA_SERVER_CACHE (default ~/.cache/gpt2-run/llama-server/), keyed by the
 # version and stamped with the flags; prints the binary's path. Not part of `make test`.
-# First run: 5-15 minutes on 2 cores (only the llama-server target is compiled).
+# First run: 5-15 minutes on 2 quiet cores (only the llama-server target is compiled; $JOBS
+# compilers at once, default one a core).
 set -eu
 cd "$(dirname "$0")/.."
 version=$(sed -n 's/^llama-cpp-python==//p' requirements.txt)
@@ -25,13 +26,17 @@ if [ ! -f "$sdist" ]; then
     ${PIP:-pip} download -q --no-binary :all: --no-deps -d "$cache" "llama-cpp-python==$version" >&2
 fi
 echo "Compiling llama-server (llama.cpp of llama-cpp-python $version, CPU: x86-64-v3); 5-15 minutes, once" >&2
+# An interrupted build with the same flags goes on where it stopped; other flags start afresh.
 work=$cache/$version/build
-rm -rf "$work" "$bin" "$bin.cmake-args"
-mkdir -p "$work"
-tar xzf "$sdist" -C "$work" --strip-components=1 "llama_cpp_python-$version/vendor/llama.cpp"
-# shellcheck disable=SC2086  # the flags are words
-cmake -S "$work/vendor/llama.cpp" -B "$work/out" -G Ninja $cmake_args >&2
-cmake --build "$work/out" --target llama-server -j "$(nproc)" >&2
+if [ "$(cat "$work/cmake-args" 2>/dev/null)" != "$cmake_args" ]; then
+    rm -rf "$work"
+    mkdir -p "$work"
+    tar xzf "$sdist" -C "$work" --strip-components=1 "llama_cpp_python-$version/vendor/llama.cpp"
+    # shellcheck disable=SC2086  # the flags are words
+    cmake -S "$work/vendor/llama.cpp" -B "$work/out" -G Ninja $cmake_args >&2
+    echo "$cmake_args" > "$work/cmake-args"
+fi
+cmake --build "$work/out" --target llama-server -j "${JOBS:-$(nproc)}" >&2
 cp "$work/out/bin/llama-server" "$bin"
 rm -rf "$work"
 echo "$cmake_args" > "$bin.cmake-args"

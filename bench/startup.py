@@ -3,8 +3,8 @@
     python bench/startup.py RUN_DIR [--rounds 5]
 
 Each round is a new interpreter that does what `python -m app` does before it serves (imports, then
-app.engine.GPT2's steps one by one: the GGUF model and its context, the tokenizer, the start-up
-forward pass), recording after each phase the wall and CPU seconds and the resident memory (anonymous
+app.engine.GPT2's steps one by one: the tokenizer files, the GGUF model and its context, the
+start-up forward pass), recording after each phase the wall and CPU seconds and the resident memory (anonymous
 and file-backed, i.e. the memory-mapped model) from /proc. Prints a table of medians. CPU seconds
 are the steadier figure on a busy machine.
 """
@@ -38,10 +38,11 @@ run_dir = Path(sys.argv[1])
 hp = json.loads((run_dir / "hparams.json").read_text())
 manifest = engine.check_export(run_dir, hp)
 mark("check the export (hash the checkpoint index)")
+tokenizer = engine.Tokenizer(run_dir, hp["n_vocab"])
+mark("check the tokenizer files")
 llama = engine.LlamaModel(run_dir / "weights" / manifest["gguf"], hp["n_ctx"], engine.MAX_NSAMPLES, 1)
+tokenizer.model = llama
 mark("load the GGUF model, make the context")
-tokenizer = engine.Tokenizer(run_dir, hp["n_vocab"], llama)
-mark("load the tokenizer")
 llama.prompt([tokenizer.end_token])
 mark("start-up forward pass")
 """

@@ -102,3 +102,15 @@ def test_bad_option_is_one_line_error(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and "--tiny-model" in proc.stderr
     assert not (tmp_path / "serve.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--llama-server", "/nonexistent/llama-server"], "--llama-server /nonexistent/llama-server is not an executable"),
+    (["--llama-server-only"], "--llama-server-only with --quick needs --llama-server PATH"),
+])
+def test_bad_llama_server_option_is_one_line_error(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "bench/serve.py", "--quick", "--out", str(tmp_path), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and message in proc.stderr
+    assert not (tmp_path / "serve.json").exists()
