@@ -127,7 +127,9 @@ def check(hp, o, memory, device, cpu=False, name=None):
     need = needed(hp, o, cpu)
     if need <= memory:
         return need
-    name = name or f"{round(parameters(hp)[0] / 1e6)}M"
+    if name is None:
+        millions = parameters(hp)[0] / 1e6
+        name = f"a {millions:.0f}M-parameter model" if millions >= 10 else f"a {millions:.2g}M-parameter model"
     head = (f"{name} ({describe(o)}) needs ~{need / GIB:.1f} GiB, {device} gives TensorFlow "
             f"~{memory / GIB:.1f} GiB")
     for flags, smaller in changes(o):

@@ -1,4 +1,4 @@
-"""--precision auto|fp32|bf16|fp16: which arithmetic a training step uses, and float16's loss scale.
+"""--precision auto|fp32|bf16|fp16: which arithmetic a training step uses, and its graph rewrite.
 
 The weights, the optimizer state and the checkpoints stay float32 in every precision; TensorFlow's
 graph rewrites cast to the lower precision inside the step only, so a run moves between
@@ -12,8 +12,6 @@ precisions and machines freely.
 No TensorFlow import at module level: finetune.cloud chooses the L4's precision without it.
 """
 from finetune import UsageError
-
-CHOICES = ["auto", "fp32", "bf16", "fp16"]
 
 
 def cpu_flags():
@@ -40,23 +38,23 @@ def choose(requested, gpu_capability=None, cpu_bf16=None):
     bf16_ok = gpu_capability is None and cpu_bf16
     if requested == "auto":
         if fp16_ok:
-            return "fp16", f"GPU of compute capability {gpu_capability[0]}.{gpu_capability[1]}"
+            return "fp16", f"auto: compute capability {gpu_capability[0]}.{gpu_capability[1]}"
         if bf16_ok:
-            return "bf16", "CPU with AMX/AVX512-BF16"
-        return "fp32", "no bfloat16 CPU or float16 tensor cores" if gpu_capability is None else \
-            f"GPU of compute capability {gpu_capability[0]}.{gpu_capability[1]}, below 7.0"
+            return "bf16", "auto: a CPU with AMX/AVX512-BF16"
+        return "fp32", "auto: a CPU without bfloat16" if gpu_capability is None else \
+            f"auto: compute capability {gpu_capability[0]}.{gpu_capability[1]}, below 7.0"
     if requested == "fp16" and not fp16_ok:
         raise UsageError("--precision fp16 needs a GPU of compute capability 7.0 or more (TensorFlow's "
                          "float16 rewrite runs only there): use --precision auto")
     if requested == "bf16" and not bf16_ok:
         raise UsageError("--precision bf16 needs a CPU with AMX or AVX512-BF16 and no GPU (TensorFlow's "
                          "bfloat16 rewrite is oneDNN's, for the CPU): use --precision auto")
-    return requested, "asked for"
+    return requested, f"--precision {requested}"
 
 
 def describe(precision):
-    return {"fp32": "float32", "bf16": "bfloat16 (oneDNN mixed precision; weights float32)",
-            "fp16": "float16 (mixed precision, dynamic loss scaling; weights float32)"}[precision]
+    return {"fp32": "float32", "bf16": "bfloat16 mixed precision",
+            "fp16": "float16 mixed precision with dynamic loss scaling"}[precision]
 
 
 def configure(config, precision):

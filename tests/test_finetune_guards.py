@@ -39,7 +39,8 @@ def test_device_report_estimate_and_window(tmp_path):
     result = run_finetune(*common, "--steps", "8", "--window", "64")
     assert result.returncode == 0, result.stderr
     threads = len(os.sched_getaffinity(0))
-    assert f"Training on CPU, {threads} threads\n" in result.stdout
+    assert re.search(rf"^Training on CPU, {threads} threads in (bfloat16 mixed precision|float32) \(auto: ",
+                     result.stdout, re.M), result.stdout
     estimate = re.search(r"About (\d+ s|\d+ min) left: 5 more steps at (\d[\d.]*(?:e-\d+)?) s/step on CPU, "
                          rf"{threads} threads\n", result.stderr)
     assert estimate, result.stderr
@@ -100,8 +101,9 @@ def test_a_batch_that_cannot_fit_is_refused_before_training(tmp_path, tiny_corpu
     result = run_finetune(*TINY_MODEL_ARGS, "--dataset", tiny_corpus, "--checkpoint-dir", tmp_path,
                           "--batch-size", "100000000", timeout=120)
     assert result.returncode == 2
-    assert re.fullmatch(r"error: --batch-size 100000000 of 1024-token windows needs about [\d.]+ GiB and "
-                        r"CPU has [\d.]+ GiB free: use a smaller --batch-size or --window", error_line(result))
+    assert re.fullmatch(r"error: a 0.\d+M-parameter model \(Adam, all weights, (bf16|fp32), 100000000 x 1,024 "
+                        r"tokens\) needs ~[\d.]+ GiB, this machine gives TensorFlow ~[\d.]+ GiB: add --batch-size 1 "
+                        r"\(~[\d.]+ GiB\)", error_line(result))
     assert os.listdir(tmp_path) == []
 
 
