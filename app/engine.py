@@ -49,6 +49,15 @@ def latest_checkpoint(run_dir):
     return Path(match.group(1)).name
 
 
+def best_checkpoint(run_dir):
+    """The checkpoint training kept for its lowest validation loss (best.json), which the export is
+    made from when there is one; else None."""
+    try:
+        return json.loads((run_dir / "best.json").read_text(encoding="utf-8"))["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_export(run_dir, hparams):
     """The manifest of RUN_DIR/weights, if it matches the latest checkpoint; else ModelError."""
     fix = f"run `{EXPORT_COMMAND.format(run_dir)}`"
@@ -61,9 +70,9 @@ def check_export(run_dir, hparams):
     except (ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{manifest_path} is corrupt ({e!r}): {fix}") from None
     latest = latest_checkpoint(run_dir)
-    if exported != latest:
+    if exported not in (latest, best_checkpoint(run_dir)):
         raise ModelError(f"the exported weights are from {exported} but the latest checkpoint is {latest}: {fix}")
-    index = run_dir / f"{latest}.index"
+    index = run_dir / f"{exported}.index"
     if not index.is_file():
         raise ModelError(f"{index} is missing: the checkpoint is incomplete")
     if hashlib.sha256(index.read_bytes()).hexdigest() != exported_sha:

@@ -57,6 +57,13 @@ def positive_float(text):
     return value
 
 
+def fraction(text):
+    value = float(text)
+    if not 0 <= value <= 0.5:
+        raise ValueError
+    return value
+
+
 def gs_url(text):
     if not text.startswith("gs://") or not text[5:].split("/", 1)[0]:
         raise ValueError
@@ -69,6 +76,7 @@ non_negative_int.__name__ = "non-negative integer"
 seed_number.__name__ = "seed (0 to 4294967295)"
 positive_float.__name__ = "positive number"
 gs_url.__name__ = "gs://bucket/prefix URL"
+fraction.__name__ = "fraction (0 to 0.5)"
 
 
 def build_parser():
@@ -109,7 +117,21 @@ def build_parser():
     p.add_argument("--sample-num", type=positive_int, default=1, help="samples each time")
     p.add_argument("--save-every", type=non_negative_int, default=500,
                    help="checkpoint every N steps (0: only at the end); the run always saves at its end")
-    p.add_argument("--max-checkpoints", type=positive_int, default=1, help="checkpoints kept")
+    p.add_argument("--max-checkpoints", type=positive_int, default=1,
+                   help="latest checkpoints kept (the best one is kept besides)")
+    p.add_argument("--val-fraction", type=fraction, default=None,
+                   help="share of the corpus's texts held out to measure the validation loss on (default "
+                   "0.05 with at least 200 texts, else none; 0: no validation); the same texts every run")
+    p.add_argument("--val-dataset", help="held-out text to measure the validation loss on instead (a file, "
+                   "folder or gs://BUCKET/FILE); its texts are removed from the training text")
+    p.add_argument("--val-every", type=positive_int, default=None,
+                   help="measure the validation loss every N steps (default: every --sample-every) and at the end")
+    p.add_argument("--val-tokens", type=positive_int, default=32768,
+                   help="held-out tokens per measurement (a fixed set of windows): bounds its time")
+    p.add_argument("--early-stop", type=non_negative_int, default=0,
+                   help="stop after N measurements without a lower validation loss (0: never)")
+    p.add_argument("--report-samples", type=non_negative_int, default=20,
+                   help="after training, samples for the memorization report (python -m finetune.report; 0: none)")
     p.add_argument("--restore-from", default="latest",
                    help="latest: continue RUN's checkpoint if any; fresh: start again from the base model")
     p.add_argument("--seed", type=seed_number, default=None, help="seed for weights, windows and samples")
@@ -170,25 +192,40 @@ def validate(args):
         gs_url(args.dataset)
     else:
         check_dataset(args.dataset)
+    if args.val_dataset is not None:
+        if args.val_fraction is not None:
+            raise UsageError("give --val-fraction or --val-dataset, not both")
+        if args.val_dataset.startswith("gs://"):
+            gs_url(args.val_dataset)
+        else:
+            check_dataset(args.val_dataset, "--val-dataset")
+            if any(f.endswith(".npz") for f in dataset_files(args.val_dataset)):
+                raise UsageError(f"--val-dataset {args.val_dataset} must be text, not a .npz")
+    if args.val_fraction and (args.dataset or "").endswith(".npz"):
+        raise UsageError("a .npz dataset is already encoded and cannot be split into texts: "
+                         "hold out text with --val-dataset FILE instead of --val-fraction")
 
 
-def check_dataset(path):
+def dataset_files(path):
+    return [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+
+
+def check_dataset(path, label="dataset"):
     if not os.path.exists(path):
-        raise UsageError(f"dataset {path} does not exist")
-    files = [path] if os.path.isfile(path) else [
-        os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+        raise UsageError(f"{label} {path} does not exist")
+    files = dataset_files(path)
     if not any(os.path.getsize(f) for f in files):
-        raise UsageError(f"dataset {path} is empty")
+        raise UsageError(f"{label} {path} is empty")
     texts = [f for f in files if not f.endswith(".npz")]
     for name in texts[:100]:
-        check_text(name, path)
+        check_text(name, path, label)
     if len(files) == 1 and texts and os.path.getsize(files[0]) < (1 << 20):
         with open(files[0], encoding="utf-8", errors="ignore") as f:
             if not f.read().strip():
-                raise UsageError(f"dataset {path} is empty (only whitespace)")
+                raise UsageError(f"{label} {path} is empty (only whitespace)")
 
 
-def check_text(name, dataset):
+def check_text(name, dataset, label="dataset"):
     """Refuse a file that is mostly not UTF-8 text (a binary file, an image, UTF-16): gpt-2-simple
     would silently drop what it cannot decode and train on the crumbs."""
     with open(name, "rb") as f:
@@ -196,7 +233,7 @@ def check_text(name, dataset):
     text = head.decode("utf-8", errors="replace")
     bad = sum(text.count(c) for c in "\ufffd\x00")
     if text and bad > 0.1 * len(text):
-        raise UsageError(f"dataset {dataset} is not text: {bad / len(text):.0%} of the start of "
+        raise UsageError(f"{label} {dataset} is not text: {bad / len(text):.0%} of the start of "
                          f"{name} is not UTF-8 (a binary file?)")
 
 
@@ -229,14 +266,18 @@ def run(args):
         train.require_gpu()  # in the first seconds, not after hours billed for a GPU
     from finetune.files import run_lock
     with run_lock(args.checkpoint_dir, args.run_name):
-        if not (args.dataset or "").startswith("gs://"):
+        if not any((path or "").startswith("gs://") for path in (args.dataset, args.val_dataset)):
             return run_locked(args)
         with tempfile.TemporaryDirectory(prefix=".dataset-", dir=args.checkpoint_dir) as tmp:
             from finetune import gcs
-            local = os.path.join(tmp, os.path.basename(args.dataset) or "dataset")
-            gcs.download_file(args.dataset, local)
-            check_dataset(local)
-            args.dataset = local
+            for name, label in (("dataset", "dataset"), ("val_dataset", "--val-dataset")):
+                url = getattr(args, name)
+                if (url or "").startswith("gs://"):
+                    local = os.path.join(tmp, name, os.path.basename(url) or "dataset")
+                    os.makedirs(os.path.dirname(local))
+                    gcs.download_file(url, local)
+                    check_dataset(local, label)
+                    setattr(args, name, local)
             return run_locked(args)
 
 
@@ -274,11 +315,37 @@ def run_locked(args):
             manifest = export.export(run_dir)
         except export.ExportError as e:
             raise UsageError(str(e)) from None
-        print(f"Exported weights to {os.path.dirname(manifest)}")
+        print(f"Exported weights to {os.path.dirname(manifest)} ({exported_what(manifest)})")
+        if args.report_samples:
+            memorization_report(run_dir, args)
     if args.upload:
         from finetune import gcs
         gcs.upload(run_dir, args.upload)
     return 0
+
+
+def exported_what(manifest_path):
+    import json
+    with open(manifest_path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    return f"{manifest['checkpoint']}: {manifest['reason']}"
+
+
+def memorization_report(run_dir, args):
+    """The report after training. Where the server's packages are missing (the training image) or
+    the report fails, a line says so: the trained model is saved either way."""
+    try:
+        from finetune import report
+        result = report.make_report(run_dir, args.dataset, samples=args.report_samples, seed=args.seed or 1)
+    except ImportError as e:
+        print(f"Memorization report skipped: it needs the server's packages ({e.name} is missing); "
+              f"run python -m finetune.report {run_dir} --dataset FILE where they are installed")
+        return
+    except Exception as e:  # noqa: BLE001 -- a report must not fail a finished training run
+        print(f"warning: the memorization report failed: {e}", file=sys.stderr)
+        return
+    report.print_report(result)
+    print(f"Wrote {os.path.join(run_dir, 'report.md')}")
 
 
 def upload_after_save(url):

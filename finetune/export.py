@@ -1,17 +1,20 @@
-"""Export a run's latest checkpoint as a GGUF file for the server (llama.cpp, no TensorFlow).
+"""Export a run's best checkpoint as a GGUF file for the server (llama.cpp, no TensorFlow).
 
     python -m finetune.export checkpoint/run1 [--quant Q8_0]
 
 Writes RUN_DIR/weights/ (model.gguf, manifest.json) into a new folder and renames it into place
 only when complete: a failed export never replaces a good one, and no file a running server has
-mapped is ever rewritten (the old folder is renamed aside, then deleted). The manifest names the
-checkpoint and the sha256 of its .index file: the server compares them with the `checkpoint` file
-to refuse a stale export. Weights that are not finite (a diverged run) are refused.
+mapped is ever rewritten (the old folder is renamed aside, then deleted). The checkpoint is the one
+with the lowest validation loss (RUN_DIR/best.json, written by training) when the run has one, else
+the latest. The manifest names it, its step, its validation loss (null when unknown), why it was
+chosen, and the sha256 of its .index file: the server compares them with the `checkpoint` and
+best.json files to refuse a stale export. Weights that are not finite (a diverged run) are refused.
 
 Imports numpy, tensorflow and gguf only (plus llama_cpp for the K-quants): the Docker build stage
 and the training image run it alone.
 """
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -48,6 +51,38 @@ def latest_checkpoint_name(run_dir):
     raise ExportError(f"{path} names no model_checkpoint_path")
 
 
+def chosen_checkpoint(run_dir, which="best"):
+    """(name, step, validation loss or None, why) of the checkpoint to export: the best, else the
+    latest; or the latest (which="latest")."""
+    latest = latest_checkpoint_name(run_dir)
+    step = int(latest.rsplit("-", 1)[1]) if latest.rsplit("-", 1)[-1].isdigit() else None
+    if which == "latest":
+        return latest, step, logged_val_loss(run_dir, step), "the latest checkpoint (--checkpoint latest)"
+    try:
+        with open(os.path.join(run_dir, "best.json"), encoding="utf-8") as f:
+            best = json.load(f)
+        name, best_step, val_loss = best["checkpoint"], int(best["step"]), float(best["val_loss"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return latest, step, None, "the latest checkpoint (no validation loss was measured)"
+    if not os.path.isfile(os.path.join(run_dir, name + ".index")):
+        return latest, step, None, f"the latest checkpoint ({name}, the best, is missing)"
+    if name == latest:
+        return name, best_step, val_loss, "the lowest validation loss, at the latest checkpoint"
+    return name, best_step, val_loss, f"the lowest validation loss (the latest, {latest}, is not better)"
+
+
+def logged_val_loss(run_dir, step):
+    """The validation loss loss.csv holds for step, or None."""
+    try:
+        with open(os.path.join(run_dir, "loss.csv"), newline="") as f:
+            for row in csv.DictReader(f):
+                if row["step"] == str(step) and row.get("val_loss"):
+                    return float(row["val_loss"])
+    except (OSError, KeyError, ValueError):
+        pass
+    return None
+
+
 def sha256_of(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -56,14 +91,14 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def export(run_dir, quant=DEFAULT_QUANT):
-    """Write run_dir/weights/ for the latest checkpoint; return the path of manifest.json."""
+def export(run_dir, quant=DEFAULT_QUANT, which="best"):
+    """Write run_dir/weights/ for the chosen checkpoint; return the path of manifest.json."""
     if quant not in QUANTS:
         raise ExportError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     run_dir = os.path.abspath(run_dir)
     if not os.path.isdir(run_dir):
         raise ExportError(f"run folder {run_dir} does not exist")
-    name = latest_checkpoint_name(run_dir)
+    name, step, val_loss, reason = chosen_checkpoint(run_dir, which)
     prefix = os.path.join(run_dir, name)
     index_path = prefix + ".index"
     if not os.path.isfile(index_path):
@@ -106,6 +141,9 @@ def export(run_dir, quant=DEFAULT_QUANT):
             raise ExportError(str(e)) from None
         manifest = {
             "checkpoint": name,
+            "step": step,
+            "val_loss": val_loss,
+            "reason": reason,
             "index_sha256": sha256_of(index_path),
             "hparams": hparams,
             "gguf": GGUF_NAME,
@@ -134,13 +172,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv=None):
-    parser = Parser(prog="python -m finetune.export", description="Export a run's latest checkpoint as GGUF.")
+    parser = Parser(prog="python -m finetune.export",
+                    description="Export a run's best checkpoint (else its latest) as GGUF.")
     parser.add_argument("run_dir", help="the run folder, e.g. checkpoint/run1")
     parser.add_argument("--quant", default=DEFAULT_QUANT, choices=list(QUANTS),
                         help=f"weight type of the GGUF file (default {DEFAULT_QUANT})")
+    parser.add_argument("--checkpoint", default="best", choices=["best", "latest"],
+                        help="best: the lowest validation loss (the latest when none was measured); latest")
     args = parser.parse_args(argv)
     try:
-        manifest_path = export(args.run_dir, args.quant)
+        manifest_path = export(args.run_dir, args.quant, args.checkpoint)
     except (ExportError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

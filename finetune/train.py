@@ -30,7 +30,7 @@ from gpt_2_simple.src.load_dataset import Sampler, load_dataset
 from tensorflow.core.protobuf import rewriter_config_pb2
 from tqdm import tqdm
 
-from finetune import UsageError, blocks, fit, optimizer, precision, recompute
+from finetune import UsageError, blocks, fit, optimizer, precision, recompute, validation
 from finetune.files import atomic_write_text, partial_dir, replace_dir
 
 # gpt-2-simple's modules are TF1 graph code (placeholders, sessions); TF 2 starts in eager mode.
@@ -38,6 +38,7 @@ tf.compat.v1.disable_eager_execution()
 tf.get_logger().setLevel("ERROR")  # TF's deprecation notices are not news to the user
 
 TOKENIZER_FILES = ["hparams.json", "encoder.json", "vocab.bpe"]
+BEST_FILE = "best.json"  # the checkpoint with the lowest validation loss (read by export and the server)
 ESTIMATE_AFTER = 3  # steps before the time-left estimate (the first one is not typical)
 FP16_RETRIES = 10  # float16 steps whose loss overflowed before it counts as diverged
 
@@ -222,8 +223,9 @@ class Trainer:
         self.run_dir = run_dir
         self.dir = work_dir  # becomes run_dir once promoted
         self.init_from = init_from
-        self.rows = []  # loss.csv rows: step, loss, avg_loss, seconds_per_step
+        self.rows = []  # loss.csv rows: step, loss, avg_loss, seconds_per_step, val_loss (or None)
         self.stop_signal = None
+        self.best = None  # the lowest validation loss: {"checkpoint", "step", "val_loss"} (best.json)
 
     # -- setup ---------------------------------------------------------------------------------
     def load_data(self):
@@ -241,8 +243,14 @@ class Trainer:
                   "this GPU" if self.device.gpu else "this machine", cpu=not self.device.gpu,
                   name=None if args.from_scratch else args.model)
         print(f"Loading dataset {args.dataset}")
+        text = None if is_npz(args.dataset) else read_text(args.dataset)
+        val_text = read_text(args.val_dataset) if args.val_dataset else None
+        self.split, self.val_windows = validation.plan(args, text, val_text, self.enc, self.window, self.dir)
         try:
-            chunks = load_dataset(self.enc, args.dataset, combine=50000)
+            if self.split and self.split.text is not None:
+                chunks = [np.array(self.enc.encode(self.split.text), dtype=np.int32)]
+            else:
+                chunks = load_dataset(self.enc, args.dataset, combine=50000)
         except (ValueError, zipfile.BadZipFile) as e:  # a .npz that is not one
             raise UsageError(f"dataset {args.dataset} cannot be read: {first_line(e)}") from None
         check_token_ids(chunks, self.hparams.n_vocab, args.dataset)
@@ -253,6 +261,8 @@ class Trainer:
                 f"{self.window} per window")
         self.sampler = Sampler(chunks)
         print(f"dataset has {total} tokens")
+        if self.split:
+            validation.record(self.dir, self.split.hashes, self.val_windows, self.split.info)
 
     def build(self):
         args, hparams = self.args, self.hparams
@@ -267,6 +277,9 @@ class Trainer:
         output = (blocks.model if own_graph else model.model)(hparams=hparams, X=self.context)
         self.loss = tf.reduce_mean(input_tensor=tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels=self.context[:, 1:], logits=output["logits"][:, :-1]))
+        # Each window's mean loss, for validation (only computed when fetched).
+        self.window_loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=self.context[:, 1:], logits=output["logits"][:, :-1]), axis=1)
         if args.sample_every > 0:
             with blocks.in_sampler(self.precision == "fp16"):
                 self.tf_sample = sample.sample_sequence(
@@ -311,6 +324,7 @@ class Trainer:
             # The Saver prunes (deletes) what it recovers: only this folder's own files.
             self.saver.recover_last_checkpoints(own_checkpoints(self.dir)[1])
             self.rows = [r for r in read_loss_csv(self.dir) if r[0] <= self.start]
+            self.best = read_best(self.dir)
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self):
@@ -329,6 +343,8 @@ class Trainer:
         bar = tqdm(total=end and end - self.start, unit="step", desc=args.run_name,
                    dynamic_ncols=True)
         last_saved = None
+        val_every = args.val_every or args.sample_every  # 0: only at the end
+        val_note = ""
         try:
             started = time.time()
             while end is None or step < end:
@@ -342,16 +358,26 @@ class Trainer:
                     self.estimate((time.time() - first_done) / (ESTIMATE_AFTER - 1), end and end - step)
                 avg = (avg[0] * 0.99 + loss, avg[1] * 0.99 + 1.0)
                 seconds = (time.time() - started) / (step - self.start)
-                self.rows.append((step, loss, avg[0] / avg[1], seconds))
+                val_loss = None
+                if self.val_windows is not None and (step == end or val_every and step % val_every == 0):
+                    val_loss, val_seconds = self.validate()
+                    val_note = f" val={val_loss:.3f} ({val_seconds:.1f}s)"
+                self.rows.append((step, loss, avg[0] / avg[1], seconds, val_loss))
                 bar.set_postfix_str(
-                    f"step={step} loss={loss:.3f} avg={avg[0] / avg[1]:.3f} {seconds:.3f}s/step",
+                    f"step={step} loss={loss:.3f} avg={avg[0] / avg[1]:.3f} {seconds:.3f}s/step{val_note}",
                     refresh=False)
                 bar.update(1)
-                if args.save_every > 0 and step % args.save_every == 0 and step != end:
-                    self.save(step)
+                improved = val_loss is not None and (self.best is None or val_loss < self.best["val_loss"])
+                if improved or (args.save_every > 0 and step % args.save_every == 0 and step != end):
+                    self.save(step, best_val_loss=val_loss if improved else None)
                     last_saved = step
                 if args.sample_every > 0 and step % args.sample_every == 0:
                     self.write_samples(step)
+                if val_loss is not None and args.early_stop and self.evaluations_since_best() >= args.early_stop:
+                    tqdm.write(f"Early stop at step {step}: validation loss has not improved on "
+                               f"{self.best['val_loss']:.3f} (step {self.best['step']}) in "
+                               f"{args.early_stop} evaluations (--early-stop {args.early_stop})", file=sys.stderr)
+                    break
             if step > self.start and last_saved != step:
                 self.save(step)
                 last_saved = step
@@ -363,10 +389,29 @@ class Trainer:
         if self.stop_signal:
             raise Interrupted(self.stop_signal, saved=last_saved is not None and self.dir == self.run_dir)
         if self.rows:
-            _, loss, avg_loss, seconds = self.rows[-1]
+            _, loss, avg_loss, seconds, _ = self.rows[-1]
             print(f"Saved model-{step} in {self.run_dir} (loss {loss:.3f}, avg {avg_loss:.3f}, "
                   f"{seconds:.3f} s/step)")
+        line = validation.verdict(self.rows)
+        if line:
+            print(line[0].upper() + line[1:])
         return self.run_dir
+
+    def validate(self):
+        """The mean loss over the fixed held-out windows, and the seconds it took."""
+        started = time.time()
+        size = self.args.batch_size
+        losses = []
+        for i in range(0, len(self.val_windows), size):
+            batch = self.val_windows[i:i + size]
+            n = len(batch)
+            if n < size:  # the placeholder's batch size is fixed: pad with copies, drop their losses
+                batch = np.concatenate([batch, np.repeat(batch[:1], size - n, axis=0)])
+            losses.extend(self.sess.run(self.window_loss, feed_dict={self.context: batch})[:n])
+        return float(np.mean(losses)), time.time() - started
+
+    def evaluations_since_best(self):
+        return sum(1 for r in self.rows if r[4] is not None and r[0] > self.best["step"])
 
     def request_stop(self, signum, frame):
         if self.stop_signal:  # a second Ctrl-C: stop now, the last good checkpoint stays
@@ -429,10 +474,11 @@ class Trainer:
         return f"{os.path.basename(latest)} in {self.run_dir} is untouched" if latest else "nothing was saved"
 
     # -- outputs -------------------------------------------------------------------------------
-    def save(self, step):
+    def save(self, step, best_val_loss=None):
         """Write checkpoint model-<step>, counter and loss files as one unit: Ctrl-C/SIGTERM wait
         until it is done. The `checkpoint` file is the commit point (a resume reads the step from
-        the name it holds), so a kill in between leaves the previous checkpoint in charge."""
+        the name it holds), so a kill in between leaves the previous checkpoint in charge.
+        best_val_loss: this step has the lowest validation loss so far; best.json names it."""
         if not self.sess.run(self.all_finite):
             raise TrainingFailed(f"the weights hold NaN or infinity after step {step}: training diverged "
                                  f"(try a lower --learning-rate than {self.args.learning_rate:g}); "
@@ -441,12 +487,17 @@ class Trainer:
         signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         try:
             try:
+                if self.best:  # out of the Saver's list: --max-checkpoints never deletes the best
+                    self.saver.recover_last_checkpoints([p for p in self.saver.last_checkpoints
+                                                         if os.path.basename(p) != self.best["checkpoint"]])
                 self.saver.save(self.sess, os.path.join(self.dir, "model"), global_step=step)
             except (tf.errors.OpError, ValueError) as e:
                 raise TrainingFailed(f"cannot save model-{step} in {self.dir}: {os_reason(e)}; "
                                      f"{self.kept()}") from None
             atomic_write_text(os.path.join(self.dir, "counter"), f"{step}\n")
             write_loss_files(self.dir, self.rows, run_name=os.path.basename(self.run_dir))
+            if best_val_loss is not None:
+                self.keep_best(step, best_val_loss)
             if self.dir != self.run_dir:
                 # First complete checkpoint: the work folder becomes the run folder.
                 replace_dir(self.dir, self.run_dir)
@@ -457,6 +508,19 @@ class Trainer:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
         if self.after_save:
             self.after_save(self.run_dir)
+
+    def keep_best(self, step, val_loss):
+        """Name model-<step> in best.json, then delete the previous best unless the Saver keeps it."""
+        old = self.best
+        self.best = {"checkpoint": f"model-{step}", "step": step, "val_loss": val_loss}
+        atomic_write_text(os.path.join(self.dir, BEST_FILE), json.dumps(self.best) + "\n")
+        kept = {os.path.basename(p) for p in self.saver.last_checkpoints}
+        if old and old["checkpoint"] not in kept | {self.best["checkpoint"]}:
+            for suffix in (".index", ".meta", ".data-00000-of-00001"):
+                try:
+                    os.unlink(os.path.join(self.dir, old["checkpoint"] + suffix))
+                except FileNotFoundError:
+                    pass
 
     def write_samples(self, step):
         """Samples as gpt-2-simple writes them (samples-N), but inside the run folder."""
@@ -510,6 +574,11 @@ def checkpoint_step(prefix):
     return int(text)
 
 
+def is_npz(path):
+    return path.endswith(".npz") or os.path.isdir(path) and any(
+        f.endswith(".npz") for _, _, files in os.walk(path) for f in files)
+
+
 def check_token_ids(chunks, n_vocab, path):
     """A .npz holds token ids from whatever encoder made it; ids outside this model's vocabulary
     would stop TensorFlow with a traceback at the first step."""
@@ -534,20 +603,35 @@ def first_line(error):
     return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
+def read_best(folder):
+    """best.json's checkpoint, if its files are still there."""
+    path = os.path.join(folder, BEST_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            best = json.load(f)
+        if os.path.isfile(os.path.join(folder, best["checkpoint"] + ".index")):
+            return best
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
 def read_loss_csv(folder):
     path = os.path.join(folder, "loss.csv")
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
-        return [(int(r["step"]), float(r["loss"]), float(r["avg_loss"]), float(r["seconds_per_step"]))
+        return [(int(r["step"]), float(r["loss"]), float(r["avg_loss"]), float(r["seconds_per_step"]),
+                 float(r["val_loss"]) if r.get("val_loss") else None)  # runs before validation have none
                 for r in csv.DictReader(f)]
 
 
 def write_loss_files(folder, rows, run_name):
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["step", "loss", "avg_loss", "seconds_per_step"])
-    writer.writerows((s, f"{loss:.6f}", f"{avg:.6f}", f"{sec:.4f}") for s, loss, avg, sec in rows)
+    writer.writerow(["step", "loss", "avg_loss", "seconds_per_step", "val_loss"])
+    writer.writerows((s, f"{loss:.6f}", f"{avg:.6f}", f"{sec:.4f}", "" if val is None else f"{val:.6f}")
+                     for s, loss, avg, sec, val in rows)
     atomic_write_text(os.path.join(folder, "loss.csv"), out.getvalue())
     if rows:
         plot_loss(folder, rows, run_name)
@@ -562,6 +646,10 @@ def plot_loss(folder, rows, run_name):
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     ax.plot(steps, [r[1] for r in rows], lw=0.8, alpha=0.4, label="loss")
     ax.plot(steps, [r[2] for r in rows], lw=1.8, label="average loss")
+    evaluated = [r for r in rows if r[4] is not None]
+    if evaluated:
+        ax.plot([r[0] for r in evaluated], [r[4] for r in evaluated], "o-", lw=1.8, ms=3,
+                label="validation loss (held-out text)")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(f"fine-tuning loss: {run_name}")  # folder may still be the hidden work folder
