@@ -129,6 +129,8 @@ def demo(args):
          *TRAIN, "--run-name", run_dir.name, "--checkpoint-dir", shown(run_dir.parent)], "fine-tuning")
     if (run_dir / "loss.png").exists():
         print(f"  loss curve: {shown(run_dir / 'loss.png')}")
+    if (run_dir / "report.json").exists():  # python -m finetune.report's summary line
+        print(f"  memorization: {json.loads((run_dir / 'report.json').read_text())['summary']}")
 
     stage(4, f"Serving {shown(run_dir)} with `python -m app` on port {args.port}")
     server = start([sys.executable, "-m", "app"], env={"MODEL_DIR": shown(run_dir), "PORT": str(args.port)})
