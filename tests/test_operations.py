@@ -309,8 +309,9 @@ def test_the_project_comes_from_the_metadata_server_on_cloud_run(tiny_run, tmp_p
         env = {"K_SERVICE": "gpt2", "GCE_METADATA_HOST": f"127.0.0.1:{metadata.server_port}",
                "GOOGLE_CLOUD_PROJECT": ""}
         with running_server(tiny_run, find_free_port(), tmp_path / "server.log", **env) as s:
-            generate(s, {"text_input": TEXT, "max_tokens": 3, "seed": 77}, headers={"traceparent": f"00-{TRACE}-{SPAN}-00"})
-            generate(s, {"text_input": TEXT, "max_tokens": 3, "seed": 78})
+            traced = {"traceparent": f"00-{TRACE}-{SPAN}-00"}
+            generate(s, {"text_input": TEXT, "max_tokens": 3, "seed": 77}, headers=traced)
+            generate(s, {"text_input": TEXT, "max_tokens": 3, "seed": 78}, headers=traced)
             [line] = logged(s, 77)
             assert line["logging.googleapis.com/trace"] == f"projects/meta-project/traces/{TRACE}"
     finally:
