@@ -59,7 +59,7 @@ def best_checkpoint(run_dir):
 
 
 def check_export(run_dir, hparams):
-    """The manifest of RUN_DIR/weights, if it matches the latest checkpoint; else ModelError."""
+    """The manifest of RUN_DIR/weights, if it matches the latest or the best checkpoint; else ModelError."""
     fix = f"run `{EXPORT_COMMAND.format(run_dir)}`"
     manifest_path = run_dir / "weights" / "manifest.json"
     if not manifest_path.is_file():

@@ -3,6 +3,7 @@ run a generation in a worker thread and stop it when its client hangs up or the 
 import asyncio
 import collections
 import contextlib
+import contextvars
 import math
 import threading
 import time
@@ -114,7 +115,8 @@ async def steps(request, generation, gate):
         else:
             put(_DONE)
 
-    threading.Thread(target=work, name="generation", daemon=True).start()
+    # In the request's context: what it logs (a NumPy warning) carries the request's trace (app/logs.py).
+    threading.Thread(target=contextvars.copy_context().run, args=(work,), name="generation", daemon=True).start()
     timing = metrics.Timing()
     try:
         while True:

@@ -26,7 +26,7 @@ def shape(status, message, retry_after=None):
 
 
 def read_request(state, data, streamed):
-    """(text, the generation's parameter values, request id) from a generate body."""
+    """(the generation's parameter values, text_input as its prefix; the request id) from a generate body."""
     if not isinstance(data.get(INPUT), str):
         raise ParamError(f'the request must be a JSON object with "{INPUT}": a string', INPUT)
     request_id = data.get("id")
@@ -48,7 +48,7 @@ def read_request(state, data, streamed):
     if values["stream"] and not streamed:
         raise ParamError("stream=true is for generate_stream; generate answers in one piece", "stream")
     values["stream"] = streamed  # generate_stream streams, whether or not the request says so
-    return data[INPUT], values, request_id
+    return values, request_id
 
 
 def check_name(request):
@@ -61,7 +61,7 @@ async def generate(request, streamed=False):
     state = request.app.state
     try:
         check_name(request)
-        text, values, request_id = read_request(state, json_params(request, await read_body(request)), streamed)
+        values, request_id = read_request(state, json_params(request, await read_body(request)), streamed)
         prompt = prompt_for(state.model, values)
     except ParamError as e:
         parameter = INPUT if e.parameter == "prefix" else e.parameter

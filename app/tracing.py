@@ -39,7 +39,7 @@ def trace_fields(headers, project_id):
             return fields(project_id, trace, span, int(flags, 16) & 1 == 1)
     if match := CLOUD_TRACE.fullmatch(headers.get("x-cloud-trace-context", "").strip()):
         trace, span, sampled = match.groups()
-        span = f"{int(span):016x}" if span and int(span) < 2**64 else None  # decimal there, hex in the logs
+        span = f"{int(span):016x}" if span and 0 < int(span) < 2**64 else None  # decimal there, hex in the logs
         return fields(project_id, trace.lower(), span, sampled == "1")
     return {}
 

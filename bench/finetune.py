@@ -1,4 +1,5 @@
-"""Seconds per training step of `python -m finetune`, by --window and --accumulate-gradients.
+"""Seconds per training step of `python -m finetune` (and tokens per second), by --window and
+--accumulate-gradients, and the time one validation pass adds.
 
     python bench/finetune.py            # GPT-2 124M shape (random weights), ~25 minutes on 2 busy cores
     python bench/finetune.py --quick    # a small model, ~1 minute
@@ -9,7 +10,9 @@ a random-weight run folder from bench/make_model.py (speed does not depend on th
 CPU or the GPU TensorFlow sees. The first step pays for TensorFlow's warm-up and is left out; the
 others are timed from the run's own loss.csv, and their median (robust to a burst of other jobs on a
 shared machine) is the row's figure. The defaults (1,024 x 5) are what a user gets
-without flags, and every row is compared with them. Writes finetune.md (the table), finetune.png
+without flags, and every row is compared with them. Each run measures the validation loss once, at
+its end, on --val-tokens' default 32,768 held-out tokens (--val-dataset): the seconds that pass
+takes are read from the progress line. Writes finetune.md (the table), finetune.png
 (the chart) and finetune.json (every raw figure) to --out.
 
 --options instead runs each --precision and memory option (OPTION_RUNS) once at the 124M shape
@@ -23,6 +26,7 @@ import csv
 import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +49,9 @@ CONFIGS = [(1024, 5), (256, 5), (1024, 1), (256, 1)]  # (window, accumulate); th
 CHECKPOINT_FILES = ["model-1.data-00000-of-00001", "model-1.index", "model-1.meta"]
 CORPUS = "".join(f"<|startoftext|>comment {i}: the weather was fine today and the dog was happy.<|endoftext|>\n"
                  for i in range(400))
+VAL_CORPUS = "".join(f"<|startoftext|>held-out comment {i}: it rained all week and the cat stayed inside, "
+                     f"watching the birds.<|endoftext|>\n" for i in range(2000))  # over 32,768 tokens
+VAL_TOKENS = 32768  # python -m finetune's default --val-tokens
 
 
 def build_model(args, models_dir, logs):
@@ -67,13 +74,14 @@ def copy_run(model, run_dir):
         os.link(model / name, run_dir / name)
 
 
-def train(model, corpus, work, window, accumulate, steps, log_path):
-    """One `python -m finetune` run; returns (seconds of each step, device, wall seconds)."""
+def train(model, corpus, val, work, window, accumulate, steps, log_path):
+    """One `python -m finetune` run; returns (seconds of each step, device, wall seconds, seconds
+    of the validation pass)."""
     parent = work / f"w{window}-a{accumulate}"
     copy_run(model, parent / "run1")
     cmd = [sys.executable, "-m", "finetune", "--dataset", str(corpus), "--checkpoint-dir", str(parent),
            "--steps", str(steps), "--window", str(window), "--accumulate-gradients", str(accumulate),
-           "--sample-every", "0", "--save-every", "0"]
+           "--sample-every", "0", "--save-every", "0", "--val-dataset", str(val), "--report-samples", "0"]
     started = time.time()
     with open(log_path, "w") as log:
         code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -85,12 +93,15 @@ def train(model, corpus, work, window, accumulate, steps, log_path):
         raise BenchError(f"python -m finetune --window {window} --accumulate-gradients {accumulate} failed "
                          f"(exit {code}): {last}; see {log_path}")
     device = next(line[len("Training on "):] for line in text.splitlines() if line.startswith("Training on "))
+    passes = re.findall(r"val=\S+ \(([\d.e+-]+)s\)", text)
+    if not passes:
+        raise BenchError(f"python -m finetune --window {window} measured no validation loss; see {log_path}")
     with open(parent / "run1" / "loss.csv", newline="") as f:
         averages = [float(row["seconds_per_step"]) for row in csv.DictReader(f)]
     shutil.rmtree(parent)
     # loss.csv keeps the running mean since the start; step k took k*mean_k - (k-1)*mean_(k-1)
     elapsed = [k * mean for k, mean in enumerate(averages, 1)]
-    return [b - a for a, b in zip([0.0] + elapsed, elapsed)], device, wall
+    return [b - a for a, b in zip([0.0] + elapsed, elapsed)], device, wall, float(passes[-1])
 
 
 def load():
@@ -108,12 +119,15 @@ def table(results):
              f"n_ctx {hp['n_ctx']} (random weights); median of {results['steps'] - 1} timed steps per row after "
              f"one warm-up step; load average {min(loads):.1f} to {max(loads):.1f} on {m['cores']} cores during the run.",
              "",
-             "| --window | --accumulate-gradients | tokens/step | s/step | vs defaults | 1,000 steps |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --window | --accumulate-gradients | tokens/step | s/step | tokens/s | vs defaults | 1,000 steps "
+             f"| one validation pass ({VAL_TOKENS:,} tokens) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results["runs"]:
         name = " (defaults)" if (r["window"], r["accumulate"]) == CONFIGS[0] else ""
         lines.append(f"| {r['window']:,}{name} | {r['accumulate']} | {r['window'] * r['accumulate']:,} | "
-                     f"{fmt(r['seconds_per_step'])} | {r['vs_defaults']:.2f}x | {hours(r['seconds_per_step'] * 1000)} |")
+                     f"{fmt(r['seconds_per_step'])} | {r['tokens_per_second']:,.0f} | {r['vs_defaults']:.2f}x | "
+                     f"{hours(r['seconds_per_step'] * 1000)} | {fmt(r['validation_seconds'])} s "
+                     f"({r['validation_seconds'] / r['seconds_per_step']:.2g} steps) |")
     return "\n".join(lines)
 
 
@@ -373,16 +387,20 @@ def main():
             work = Path(work)
             corpus = work / "corpus.txt"
             corpus.write_text(CORPUS)
+            val = work / "val.txt"
+            val.write_text(VAL_CORPUS)
             # minutes per run at the 124M shape: tqdm's estimate of the time left is per configuration
             for window, accumulate in tqdm(CONFIGS, desc="python -m finetune runs", disable=None):
                 before = load()
-                seconds, device, wall = train(model, corpus, work, window, accumulate, args.steps,
-                                              logs / f"finetune-w{window}-a{accumulate}.log")
+                seconds, device, wall, validation = train(model, corpus, val, work, window, accumulate, args.steps,
+                                                          logs / f"finetune-w{window}-a{accumulate}.log")
+                per_step = float(np.median(seconds[1:]))
                 runs.append({"window": window, "accumulate": accumulate, "step_seconds": seconds,
-                             "seconds_per_step": float(np.median(seconds[1:])), "wall_seconds": round(wall, 1),
+                             "seconds_per_step": per_step, "tokens_per_second": window * accumulate / per_step,
+                             "validation_seconds": validation, "wall_seconds": round(wall, 1),
                              "load_before": before, "load_after": load()})
-                tqdm.write(f"--window {window} --accumulate-gradients {accumulate}: "
-                           f"{runs[-1]['seconds_per_step']:.2f} s/step")
+                tqdm.write(f"--window {window} --accumulate-gradients {accumulate}: {per_step:.2f} s/step, "
+                           f"{runs[-1]['tokens_per_second']:,.0f} tokens/s; a validation pass {validation:.3g} s")
     except BenchError as e:
         sys.exit(f"bench/finetune.py: {e}")
     except KeyboardInterrupt:

@@ -197,7 +197,15 @@ def positive_int(text):
     return value
 
 
+def seed_number(text):
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise ValueError
+    return value
+
+
 positive_int.__name__ = "positive integer"
+seed_number.__name__ = "seed (0 to 4294967295)"
 
 
 def main(argv=None):
@@ -207,7 +215,7 @@ def main(argv=None):
     p.add_argument("--dataset", help="the training corpus (default: the one the last report used)")
     p.add_argument("--samples", type=positive_int, default=20, help="samples to generate")
     p.add_argument("--length", type=positive_int, default=200, help="tokens per sample (at most n_ctx - 1)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the first sample (the others: +1 each)")
+    p.add_argument("--seed", type=seed_number, default=1, help="seed of the first sample (the others: +1 each)")
     try:
         args = p.parse_args(argv)
         report = make_report(args.run_dir, args.dataset, args.samples, args.length, args.seed)

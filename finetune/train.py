@@ -361,7 +361,7 @@ class Trainer:
                 val_loss = None
                 if self.val_windows is not None and (step == end or val_every and step % val_every == 0):
                     val_loss, val_seconds = self.validate()
-                    val_note = f" val={val_loss:.3f} ({val_seconds:.1f}s)"
+                    val_note = f" val={val_loss:.3f} ({val_seconds:.3g}s)"
                 self.rows.append((step, loss, avg[0] / avg[1], seconds, val_loss))
                 bar.set_postfix_str(
                     f"step={step} loss={loss:.3f} avg={avg[0] / avg[1]:.3f} {seconds:.3f}s/step{val_note}",

@@ -130,6 +130,9 @@ def plan(args, text, val_text, enc, window, run_dir):
     if val_text is not None:
         split = separate(text, val_text)
         source = f"--val-dataset {args.val_dataset}"
+    elif text is None:
+        print("Validation is off: a .npz dataset cannot be split into texts (give --val-dataset FILE)")
+        return None, None
     else:
         fraction = args.val_fraction
         if fraction is None:

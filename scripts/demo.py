@@ -138,6 +138,8 @@ def demo(args):
     print(f"  trained and exported in {time.monotonic() - trained:.0f} s")
     if (run_dir / "loss.png").exists():
         print(f"  loss curve: {shown(run_dir / 'loss.png')}")
+    if (run_dir / "report.json").exists():  # python -m finetune.report's summary line
+        print(f"  memorization: {json.loads((run_dir / 'report.json').read_text())['summary']}")
 
     stage(4, f"Serving {shown(run_dir)} with `python -m app` on {args.host}, port {args.port}")
     server = start([sys.executable, "-m", "app"],
