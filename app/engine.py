@@ -140,6 +140,12 @@ class GPT2:
                              "diverged; train again from an earlier checkpoint or with a lower --learning-rate")
         self.lock = threading.Lock()  # one generation at a time: the key/value cache is shared
 
+    def served(self):
+        """Which checkpoint is served, its step and validation loss (None when unknown: an export made
+        before validation existed), for /limits and /v1/models."""
+        return {"checkpoint": self.manifest["checkpoint"], "step": self.manifest.get("step"),
+                "val_loss": self.manifest.get("val_loss")}
+
 
 # ---------------------------------------------------------------- sampling
 

@@ -62,7 +62,7 @@ async def limits_route(request):
     model = state.model
     return UJSONResponse(limits(state.table, prefix_max_chars=state.table["prefix"].max_chars, n_ctx=model.n_ctx,
                                 n_vocab=model.n_vocab, queue_size=state.gate.size, body_max_bytes=BODY_MAX_BYTES,
-                                checkpoint=model.manifest["checkpoint"]))
+                                **model.served()))
 
 
 def paths(state):

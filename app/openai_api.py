@@ -192,7 +192,7 @@ async def models(request):
     model = request.app.state.model
     return UJSONResponse({"object": "list", "data": [
         {"id": request.app.state.name, "object": "model", "created": int(model.run_dir.stat().st_mtime),
-         "owned_by": "gpt2-run"}]})
+         "owned_by": "gpt2-run", **model.served()}]})
 
 
 async def chat_completions(request):
@@ -221,7 +221,10 @@ def paths(state):
     completion = obj({"id": STRING, "object": {"const": "text_completion"}, "created": INTEGER, "model": STRING,
                       "choices": {"type": "array", "items": choice}, "usage": usage},
                      ["id", "object", "created", "model", "choices"])
-    model = obj({"id": STRING, "object": {"const": "model"}, "created": INTEGER, "owned_by": STRING}, ["id", "object"])
+    model = obj({"id": STRING, "object": {"const": "model"}, "created": INTEGER, "owned_by": STRING,
+                 # ours: the served checkpoint, its step and validation loss (null when unknown)
+                 "checkpoint": STRING, "step": {"type": ["integer", "null"]},
+                 "val_loss": {"type": ["number", "null"]}}, ["id", "object"])
     return {
         "/v1/completions": {"post": {
             "summary": "OpenAI-compatible completion", "operationId": "openai_completions",

@@ -121,13 +121,20 @@ def test_early_stop_ends_the_run_and_the_export_is_the_best_step(overfit):
     assert f"Exported weights to {run / 'weights'} (model-{best[0]}: the lowest validation loss" in result.stdout
 
 
-def test_the_best_export_is_served_and_reported(overfit):
-    from app.engine import GPT2
+def test_the_best_export_is_served_and_reported(overfit, tmp_path):
+    import httpx
+    from conftest import find_free_port
+    from test_server import running_server
 
     run, result, train = overfit
-    model = GPT2(run)  # the server's engine accepts an export of the best, not the latest, checkpoint
     best = json.loads((run / "best.json").read_text())
-    assert model.manifest["checkpoint"] == best["checkpoint"]
+    # The server accepts an export of the best, not the latest, checkpoint and says which it serves.
+    with running_server(run, find_free_port(), tmp_path / "server.log") as server:
+        limits = httpx.get(server.url + "/limits").json()
+        (model,) = httpx.get(server.url + "/v1/models").json()["data"]
+    for served in (limits, model):
+        assert (served["checkpoint"], served["step"]) == (best["checkpoint"], best["step"])
+        assert served["val_loss"] == pytest.approx(best["val_loss"], abs=1e-5)
     report = json.loads((run / "report.json").read_text())
     assert result.stdout.count(f"Memorization: {report['summary']}") == 1
     assert report["settings"]["checkpoint"] == best["checkpoint"]
