@@ -46,7 +46,7 @@ def parameters(table):
 
 
 TYPES = {404: "not_found_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
-CODES = {429: "rate_limit_exceeded", 503: "shutting_down"}
+CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded", 503: "shutting_down"}
 
 
 def shape(status, message, retry_after=None, param=None, code=None):

@@ -176,7 +176,7 @@ def test_openai_sdk_with_a_right_key_a_wrong_one_and_none(keyed):
     with pytest.raises(openai.AuthenticationError) as e:
         client.completions.create(model="run1", prompt=TEXT, max_tokens=5)
     assert e.value.status_code == 401 and e.value.body["message"] == "the API key is not valid"
-    assert e.value.body["type"] == "invalid_request_error"
+    assert (e.value.body["type"], e.value.body["code"]) == ("invalid_request_error", "invalid_api_key")  # OpenAI's
     with pytest.raises(openai.AuthenticationError) as e:  # no Authorization header at all
         client.completions.create(model="run1", prompt=TEXT, max_tokens=5, extra_headers={"Authorization": openai.omit})
     assert "needs an API key" in e.value.body["message"]

@@ -4,7 +4,7 @@ with all off, asked in turn (interleaved, so machine load hits both alike) for t
 prints tokens per second of each and the median of each round's ratio. First, in this process, what the
 added code costs per request and per token (timeit), which the end-to-end figure cannot resolve on a busy machine.
 
-    python scripts/ops_overhead.py RUN_DIR [--rounds 8] [--length 100]
+    python bench/ops_overhead.py RUN_DIR [--rounds 8] [--length 100]
 """
 import argparse
 import asyncio
