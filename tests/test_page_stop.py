@@ -12,6 +12,7 @@ from playwright.sync_api import expect
 
 from test_page import (browser, fill, fill_body, long_answer, make_page, open_page, out_dir, serve, shown,  # noqa: F401
                        site, slow_api, wait_done, watched)
+from test_server import write_random_run
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +50,6 @@ def test_a_stream_stopped_from_the_page_is_logged_499(watched, site, slow_api, l
 
 def test_stop_before_the_server_answered_says_nothing_was_generated(make_page, site, tiny_run, tmp_path_factory,
                                                                     out_dir):
-    from test_server import write_random_run
-
     model = write_random_run(tmp_path_factory.mktemp("queued") / "run1", tiny_run, n_layer=8, n_embd=512, n_head=8)
     with serve(model, site, out_dir / "server-queued.log", QUEUE_SIZE="1") as api:
         limits = httpx.get(api.url + "/limits", timeout=10).json()
