@@ -70,7 +70,6 @@ class LlamaModel:
             raise LlamaError(f"llama.cpp cannot load {path}: {' '.join(_errors) or 'unknown error'}")
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
-        self._piece = ctypes.create_string_buffer(256)
         if n_ctx is None:
             return
         params = L.llama_context_default_params()
@@ -126,12 +125,14 @@ class LlamaModel:
         return ids[:n]
 
     def piece(self, token):
-        """The bytes token id `token` stands for ("<|endoftext|>" for the end token)."""
-        n = L.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, True)
+        """The bytes token id `token` stands for ("<|endoftext|>" for the end token). A buffer per call:
+        the request being read and the one generating may both ask."""
+        buf = ctypes.create_string_buffer(64)
+        n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
         if n < 0:  # a longer piece than the buffer: -n is its length
-            self._piece = ctypes.create_string_buffer(-n)
-            n = L.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, True)
-        return self._piece.raw[:n]
+            buf = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:n]
 
     def __del__(self):
         if getattr(self, "ctx", None):

@@ -39,11 +39,12 @@ def summarize_peer(peer):
     summary = {name: {key: median([r[name][key] for r in per_round]) for key in per_round[0][name]}
                for name in ("ours", "llama_server")}
     summary["rounds"] = per_round
-    ratios = {key: summary["ours"][key] / summary["llama_server"][key] for key in PEER_TARGETS}
-    summary["targets"] = {key: {"value": value, "target": f"{'>=' if key == 'tokens_per_s' else '<='} "
-                                                         f"{PEER_TARGETS[key]}x llama-server",
-                                "met": value >= PEER_TARGETS[key] if key == "tokens_per_s" else value <= PEER_TARGETS[key]}
-                          for key, value in ratios.items()}
+    summary["targets"] = {}
+    for key, bound in PEER_TARGETS.items():
+        value = summary["ours"][key] / summary["llama_server"][key]
+        higher = key == "tokens_per_s"  # better when higher
+        summary["targets"][key] = {"value": value, "target": f"{'>=' if higher else '<='} {bound}x llama-server",
+                                   "met": value >= bound if higher else value <= bound}
     return summary
 
 
@@ -296,11 +297,11 @@ def chart(results, path):
                  f"{'llama-server' if has_peer else ''} ({results['mode']}, {results['date']}, "
                  f"{results['machine']['cpu']}, {results['machine']['cores']} cores; n_layer {hp['n_layer']}, "
                  f"n_embd {hp['n_embd']})")
+    grid = fig.add_gridspec(rows, 6)  # six columns: two panels a row above, three in the llama-server row
     if rows > 1:
-        contenders_chart(results, np.array([[fig.add_subplot(rows, 2, i) for i in (1, 2)],
-                                            [fig.add_subplot(rows, 2, i) for i in (3, 4)]]))
+        contenders_chart(results, np.array([[fig.add_subplot(grid[r, c:c + 3]) for c in (0, 3)] for r in (0, 1)]))
     if has_peer:
-        peer_chart(results, [fig.add_subplot(rows, 3, 3 * rows - i) for i in (2, 1, 0)])
+        peer_chart(results, [fig.add_subplot(grid[rows - 1, c:c + 2]) for c in (0, 2, 4)])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
