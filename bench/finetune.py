@@ -16,10 +16,10 @@ takes are read from the progress line. Writes finetune.md (the table), finetune.
 (the chart) and finetune.json (every raw figure) to --out.
 
 --options instead runs each --precision and memory option (OPTION_RUNS) once at the 124M shape
-(window 1,024, --accumulate-gradients 1): seconds a step, tokens a second, peak memory (the run's
-peak RSS, from wait4) against finetune.fit's estimate for the CPU; then the memory runs again at the
-355M shape (window 512), and the loss after the same steps from the same seed (window 256) per precision.
-Writes options.md, options.png and options.json.
+(--window 256, --accumulate-gradients 1, one window a step): seconds a step, tokens a second, peak
+memory (the run's peak RSS, from wait4) against finetune.fit's estimate for the CPU, and the loss
+after the same steps from the same checkpoint and seed, per precision; then the memory runs again at
+the 355M shape (the options marked in OPTION_RUNS). Writes options.md, options.png and options.json.
 """
 import argparse
 import csv
@@ -189,20 +189,19 @@ class Parser(argparse.ArgumentParser):
 
 # -- --options: precision and memory (issue 21) -------------------------------------------------
 SHAPE_355M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 1024, "n_head": 16, "n_layer": 24}
-OPTION_RUNS = [  # (label, flags); the speed runs use all of them, the memory runs at 355M those marked
-    ("fp32", ["--precision", "fp32"], True),
-    ("bf16", ["--precision", "bf16"], True),
-    ("fp32 --recompute", ["--precision", "fp32", "--recompute"], True),
-    ("bf16 --recompute", ["--precision", "bf16", "--recompute"], False),
-    ("fp32 --train-layers transformer", ["--precision", "fp32", "--train-layers", "transformer"], True),
-    ("fp32 --optimizer sgd", ["--precision", "fp32", "--optimizer", "sgd"], True),
+OPTION_RUNS = [  # (label, flags, at 124M, at 355M)
+    ("fp32", ["--precision", "fp32"], True, True),
+    ("bf16", ["--precision", "bf16"], True, False),
+    ("fp32 --recompute", ["--precision", "fp32", "--recompute"], True, True),
+    # --train-layers transformer and --optimizer sgd: measured at the tiny shape by the tests only (each
+    # run here takes ~10 minutes on the shared 2-core machine)
 ]
-LOSS_PRECISIONS = ["fp32", "bf16"]
-MEMORY_WINDOW = 512  # at 355M: float32 with Adam at 1,024 tokens would need most of a shared 24 GB machine
+MEMORY_STEPS = 1  # the peak is reached in the first step
+OPTIONS_WINDOW = 256  # 1,024 would take hours on a shared 2-core machine
 GIB = 2 ** 30
 
 
-def option_run(model, corpus, work, label, flags, steps, log_path, window=1024, learning_rate="1e-4"):
+def option_run(model, corpus, work, label, flags, steps, log_path, window=OPTIONS_WINDOW, learning_rate="1e-4"):
     """One `python -m finetune` run with flags; its step seconds, losses, peak RSS and device."""
     parent = work / label.replace(" ", "_").replace("-", "")
     copy_run(model, parent / "run1")
@@ -221,7 +220,7 @@ def option_run(model, corpus, work, label, flags, steps, log_path, window=1024, 
                          f"see {log_path}")
     device = next(line[len("Training on "):] for line in text.splitlines() if line.startswith("Training on "))
     with open(parent / "run1" / "loss.csv", newline="") as f:
-        rows = list(csv.DictReader(f))[1:]  # the checkpoint's own step 1 is not this run's
+        rows = list(csv.DictReader(f))  # the model folder has no loss.csv: every row is this run's
     shutil.rmtree(parent)
     averages = [float(r["seconds_per_step"]) for r in rows]
     elapsed = [k * mean for k, mean in enumerate(averages, 1)]
@@ -256,7 +255,7 @@ def options_table(results):
             continue
         hp = block["hparams"]
         lines += [f"{title}: n_layer {hp['n_layer']}, n_embd {hp['n_embd']}, window {block['runs'][0]['window']:,}, "
-                  f"median of {results['steps'] - 1} timed steps after one warm-up step", "",
+                  f"median of the timed steps after one warm-up step ({len(block['runs'][0]['step_seconds']) - 1})", "",
                   "| options | s/step | vs fp32 | tokens/s | peak RSS GiB | estimate GiB | estimate / measured |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         base = block["runs"][0]["seconds_per_step"]
@@ -265,13 +264,14 @@ def options_table(results):
                          f"{r['tokens_per_second']:.0f} | {r['peak_rss_gib']:.2f} | {r['estimate_gib']:.2f} | "
                          f"{r['estimate_gib'] / r['peak_rss_gib']:.2f} |")
         lines.append("")
-    loss = results["loss"]
-    lines += [f"loss after {loss['steps']} steps from the same seed (window {loss['window']}, learning rate "
-              f"{loss['learning_rate']}), n_layer {results['speed']['hparams']['n_layer']}:", "",
-              "| precision | loss at the last step | mean loss | vs fp32 |", "| --- | ---: | ---: | ---: |"]
-    for r in loss["runs"]:
-        lines.append(f"| {r['label']} | {r['losses'][-1]:.4f} | {np.mean(r['losses']):.4f} | "
-                     f"{r['losses'][-1] / loss['runs'][0]['losses'][-1] - 1:+.2%} |")
+    runs = {r["label"]: r for r in results["speed"]["runs"]}
+    lines += [f"loss after {results['steps']} steps from the same checkpoint and seed, by precision "
+              f"(n_layer {results['speed']['hparams']['n_layer']}):", "",
+              "| options | loss at the last step | vs fp32 |", "| --- | ---: | ---: |"]
+    for bf16, fp32 in (("bf16", "fp32"), ("bf16 --recompute", "fp32 --recompute")):
+        for label in (fp32, bf16) if bf16 in runs else ():
+            lines.append(f"| {label} | {runs[label]['losses'][-1]:.4f} | "
+                         f"{runs[label]['losses'][-1] / runs[fp32]['losses'][-1] - 1:+.2%} |")
     return "\n".join(lines)
 
 
@@ -287,7 +287,7 @@ def options_chart(results, path):
         speed.annotate(f" {fmt(r['seconds_per_step'])} s, {r['tokens_per_second']:.0f} tok/s", (r["seconds_per_step"], i),
                        va="center", fontsize=8)
     speed.invert_yaxis()
-    speed.set_xlabel("seconds per step, window 1,024 (lower is better)")
+    speed.set_xlabel(f"seconds per step, window {runs[0]['window']:,} (lower is better)")
     speed.set_xlim(0, max(r["seconds_per_step"] for r in runs) * 1.5)
     labels, measured, estimated = [], [], []
     for key in ("speed", "memory"):
@@ -317,8 +317,8 @@ def run_options(args, models_dir, out, logs):
     results = {"date": datetime.date.today().isoformat(), "mode": "quick" if quick else "full",
                "machine": machine(), "steps": args.steps}
     loads = [load()]
-    todo = [(key, label, flags) for key in ("speed", "memory") for label, flags, at_355m in OPTION_RUNS
-            if key == "speed" or at_355m] + [("loss", p, ["--precision", p]) for p in LOSS_PRECISIONS]
+    todo = [(key, label, flags) for key in ("speed", "memory") for label, flags, at_124m, at_355m in OPTION_RUNS
+            if (at_124m, at_355m)[key == "memory"]]
     models = {}
     for key, (shape, name) in shapes.items():
         cmd = [sys.executable, str(ROOT / "bench" / "make_model.py"), str(models_dir / name)]
@@ -327,19 +327,14 @@ def run_options(args, models_dir, out, logs):
         run(cmd, f"building the {name} model (bench/make_model.py)", logs / f"make_model-{name}.log")
         models[key] = models_dir / name
         results[key] = {"hparams": json.loads((models[key] / "hparams.json").read_text()), "runs": []}
-    models["loss"] = models["speed"]
-    results["loss"] = {"steps": 2 * args.steps, "window": 256, "learning_rate": "1e-3", "runs": []}
     with tempfile.TemporaryDirectory(prefix=".finetune-bench-", dir=models_dir) as work:
         work = Path(work)
         corpus = work / "corpus.txt"
         corpus.write_text(CORPUS)
         for key, label, flags in tqdm(todo, desc="python -m finetune runs", disable=None):
-            extra = {"loss": {"window": 256, "learning_rate": "1e-3"}, "memory": {"window": MEMORY_WINDOW}}.get(key, {})
-            steps = results["loss"]["steps"] if key == "loss" else args.steps
-            r = option_run(models[key], corpus, work, label, flags, steps,
-                           logs / f"options-{key}-{label.replace(' ', '_')}.log", **extra)
-            r["estimate_gib"] = estimate_gib(results[key if key != "loss" else "speed"]["hparams"], flags,
-                                             r["window"], r["device"])
+            r = option_run(models[key], corpus, work, label, flags, MEMORY_STEPS if key == "memory" else args.steps,
+                           logs / f"options-{key}-{label.replace(' ', '_')}.log")
+            r["estimate_gib"] = estimate_gib(results[key]["hparams"], flags, r["window"], r["device"])
             results[key]["runs"].append(r)
             results["device"] = r["device"].split(" in ")[0]
             loads.append(load())
