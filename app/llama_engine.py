@@ -1,12 +1,12 @@
 """GPT-2's forward pass in llama.cpp, in-process through llama-cpp-python's C bindings.
 
 Token ids go in and logits come out: sampling and text stay in app/engine.py, so every API
-parameter means what it meant with gpt-2-simple. The GGUF file carries the run's vocabulary, and
-its tokenizer (GPT-2's byte-level BPE) is used from here by app/tokenizer.py. The GGUF file is memory-mapped
-(never rewritten in place: see finetune/export.py). Samples of one request are sequences 0..B-1
-of one key/value cache; the prompt is computed once, in sequence 0, and shared with the others.
-The cache holds n_ctx positions in all: a request's samples share the model's context (the API's
-limit), which keeps it at 36 MB at the 124M shape whatever the request.
+parameter means what it meant with gpt-2-simple. The GGUF file carries the run's vocabulary, whose
+tokenizer (GPT-2's byte-level BPE) app/tokenizer.py uses through `tokenize` and `piece`. The GGUF
+file is memory-mapped (never rewritten in place: see finetune/export.py). Samples of one request
+are sequences 0..B-1 of one key/value cache; the prompt is computed once, in sequence 0, and shared
+with the others. The cache holds n_ctx positions in all: a request's samples share the model's
+context (the API's limit), which keeps it at 36 MB at the 124M shape whatever the request.
 
 Threads: give it only CPUs that are the server's alone: ggml's threads wait for each other at every
 operation by spinning, so a thread that is not scheduled stalls every token (measured: 50-100 ms a

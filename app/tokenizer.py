@@ -20,7 +20,7 @@ class Tokenizer:
     def __init__(self, run_dir, n_vocab=None):
         """ValueError when encoder.json is corrupt, or has ids outside the model's 0..n_vocab-1 (the
         export no longer matches the run's files). `model` is the run's LlamaModel, whose vocabulary
-        encodes and decodes: set it once loaded, else the first use loads the vocabulary of the GGUF file."""
+        encodes and decodes: set it once loaded, else the first use reads the run's GGUF vocabulary."""
         run_dir = Path(run_dir)
         encoder = json.loads((run_dir / "encoder.json").read_text(encoding="utf-8"))
         if not isinstance(encoder, dict) or not encoder:

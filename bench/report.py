@@ -32,8 +32,11 @@ def summarize(results):
 def summarize_peer(peer):
     """Medians over the rounds for each server, and ours / llama-server's for each figure."""
     def figures(f):
-        return {"cold_start_s": f["cold_start_s"], "cold_start_cpu_s": f["cold_start_cpu_s"], "peak_mb": f["peak_mb"],
-                "tokens_per_s": median([r["tokens"] / r["seconds"] for r in f["warm"]])}
+        figures = {"cold_start_s": f["cold_start_s"], "cold_start_cpu_s": f["cold_start_cpu_s"], "peak_mb": f["peak_mb"],
+                   "tokens_per_s": median([r["tokens"] / r["seconds"] for r in f["warm"]])}
+        if "cpu_seconds" in f["warm"][0]:  # older runs lack it
+            figures["cpu_ms_per_token"] = median([1000 * r["cpu_seconds"] / r["tokens"] for r in f["warm"]])
+        return figures
 
     per_round = [{name: figures(f) for name, f in r.items()} for r in peer["rounds"]]
     summary = {name: {key: median([r[name][key] for r in per_round]) for key in per_round[0][name]}
@@ -183,6 +186,10 @@ def peer_table(results):
         if key == "cold_start_s":
             ours, theirs = s["ours"]["cold_start_cpu_s"], s["llama_server"]["cold_start_cpu_s"]
             lines.append(f"| CPU time to that answer, all threads (s) | {fmt(ours)} | {fmt(theirs)} "
+                         f"| {ratio(ours, theirs)} | |")
+        if key == "tokens_per_s" and "cpu_ms_per_token" in s["ours"]:
+            ours, theirs = s["ours"]["cpu_ms_per_token"], s["llama_server"]["cpu_ms_per_token"]
+            lines.append(f"| CPU time per token of those answers, all threads (ms) | {fmt(ours)} | {fmt(theirs)} "
                          f"| {ratio(ours, theirs)} | |")
     lines += ["", "Round by round (ours / llama-server): " + "; ".join(
         f"{i + 1}: cold start {r['ours']['cold_start_s']:.2f} / {r['llama_server']['cold_start_s']:.2f} s, "

@@ -504,12 +504,14 @@ def peer_figures(model, command, repeats, log_path):
         warm = []
         for seed in range(1, repeats + 1):
             for attempt in range(10):  # ours stops at a sampled end token: rare with random weights
+                cpu = server.cpu_seconds()
                 answer, seconds = server.post(completion(model, server, 100, seed + 1000 * attempt))
                 if answer["usage"]["completion_tokens"] == 100:
                     break
             else:
                 raise BenchError(f"{server.name} stopped early on 10 seeds at 100 tokens")
-            warm.append({"seconds": seconds, "tokens": 100, "seed": seed + 1000 * attempt})
+            warm.append({"seconds": seconds, "cpu_seconds": server.cpu_seconds() - cpu, "tokens": 100,
+                         "seed": seed + 1000 * attempt})
         return {"cold_start_s": cold, "cold_start_cpu_s": cold_cpu, "warm": warm, "peak_mb": server.memory()["peak"]}
     finally:
         server.stop()

@@ -249,8 +249,8 @@ def test_fit_one_liner_on_this_machine(tmp_path, shape, name):
     assert result.returncode == 2, result.stderr
     line = result.stderr.strip()
     assert "\n" not in line
-    assert re.fullmatch(r"error: \d+M \(Adam, all weights, (bf16|fp32), 1 x 1,024 tokens\) needs ~[\d.]+ GiB, "
-                        r"this machine gives TensorFlow ~[\d.]+ GiB: add .+ \(~[\d.]+ GiB\)|"
+    assert re.fullmatch(r"error: a \d+M-parameter model \(Adam, all weights, (bf16|fp32), 1 x 1,024 tokens\) "
+                        r"needs ~[\d.]+ GiB, this machine gives TensorFlow ~[\d.]+ GiB: add .+ \(~[\d.]+ GiB\)|"
                         r"error: .* fits: use a smaller --model", line), line
     assert not list(tmp_path.glob("run1*")) and not list(tmp_path.glob(".run1*"))
 
