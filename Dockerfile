@@ -61,15 +61,9 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /srv
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gpt2
 COPY requirements.txt ./
-# tokenizers goes in with --no-deps: its huggingface-hub dependency only serves from_pretrained,
-# and the app builds its tokenizer from the run's encoder.json and vocab.bpe. llama-cpp-python only
-# from the wheel built above (mounted, so it leaves no layer behind).
+# llama-cpp-python only from the wheel built above (mounted, so it leaves no layer behind).
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
-    grep -v '^tokenizers==' requirements.txt > /tmp/serving.txt \
-    && grep '^tokenizers==' requirements.txt > /tmp/tokenizers.txt \
-    && pip install --no-cache-dir --find-links /wheels --only-binary llama-cpp-python -r /tmp/serving.txt \
-    && pip install --no-cache-dir --no-deps -r /tmp/tokenizers.txt \
-    && rm /tmp/serving.txt /tmp/tokenizers.txt
+    pip install --no-cache-dir --find-links /wheels --only-binary llama-cpp-python -r requirements.txt
 # The model before the code: editing app/ then does not re-push the weights layer.
 COPY --from=export /model/ checkpoint/run1/
 COPY app/ app/

@@ -1,6 +1,6 @@
 """A GPT-2-format byte-level BPE tokenizer (encoder.json + vocab.bpe) trained with `tokenizers`.
 
-The files are read by gpt-2-simple's own encoder (and by the server through `tokenizers`), so they
+The files are read by gpt-2-simple's own encoder (and by the server through llama.cpp, from the GGUF export), so they
 follow OpenAI's layout: encoder.json maps token -> id with every one of the 256 byte symbols present
 (any text encodes), vocab.bpe is '#version: 0.2' then one merge per line, and `<|endoftext|>` is the
 last id, as 50256 is in GPT-2.
