@@ -187,13 +187,13 @@ OPTIONS_WINDOW = 256  # 1,024 would take hours on a shared 2-core machine
 GIB = 2 ** 30
 
 
-def option_run(model, corpus, work, label, flags, steps, log_path, window=OPTIONS_WINDOW, learning_rate="1e-4"):
+def option_run(model, corpus, work, label, flags, steps, log_path, window=OPTIONS_WINDOW):
     """One `python -m finetune` run with flags; its step seconds, losses, peak RSS and device."""
     parent = work / label.replace(" ", "_").replace("-", "")
     copy_run(model, parent / "run1")
     cmd = [sys.executable, "-m", "finetune", "--dataset", str(corpus), "--checkpoint-dir", str(parent),
            "--steps", str(steps), "--window", str(window), "--accumulate-gradients", "1", "--seed", "1",
-           "--learning-rate", learning_rate, "--sample-every", "0", "--save-every", "0", *flags]
+           "--learning-rate", "1e-4", "--sample-every", "0", "--save-every", "0", *flags]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
