@@ -129,6 +129,7 @@ def test_bf16_trains_and_moves_between_precisions(base):
     bf16 = losses(run_dir.parent / "bf16")
     for step in (2, 3, 4):
         assert bf16[step] == pytest.approx(losses(fp32_dir)[step], rel=0.02), step
+    assert bf16[4] != losses(fp32_dir)[4]  # bfloat16 arithmetic did run (oneDNN on, the rewrite applied)
 
 
 def test_auto_precision_says_which_on_this_machine(base):
