@@ -22,11 +22,6 @@ import shutil
 import sys
 import tempfile
 
-# Keep TensorFlow's start-up chatter out of the output (oneDNN announces itself otherwise; it
-# only speeds up arithmetic, and an export does none).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
 import numpy as np
 
 from finetune.gguf_export import DEFAULT_QUANT, QUANTS, write_gguf
@@ -172,6 +167,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv=None):
+    # Keep TensorFlow's start-up chatter out of the output (oneDNN announces itself otherwise; it
+    # only speeds up arithmetic, and an export does none). Here, not at import: `python -m finetune`
+    # imports this module before TensorFlow, and its training needs oneDNN (--precision bf16 runs on it).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     parser = Parser(prog="python -m finetune.export",
                     description="Export a run's best checkpoint (else its latest) as GGUF.")
     parser.add_argument("run_dir", help="the run folder, e.g. checkpoint/run1")
