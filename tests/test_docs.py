@@ -16,8 +16,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-# Pages that other branches of issue 19's work add; linked before they land. Empty this once merged.
-PENDING = {"docs/training-memory.md"}
 
 
 def offline_commands():
@@ -62,7 +60,7 @@ def test_links_lead_somewhere(page):
             continue
         path, _, anchor = target.partition("#")
         linked = (page.parent / path).resolve() if path else page
-        if not linked.exists() and str(linked.relative_to(ROOT)) not in PENDING:
+        if not linked.exists():
             broken.append(f"{target}: no such file")
         elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
             broken.append(f"{target}: no such heading in {linked.relative_to(ROOT)}")
