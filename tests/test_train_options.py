@@ -265,7 +265,7 @@ def test_fit_one_liner_on_this_machine(tmp_path, shape, name):
 
 def test_cloud_checks_the_fit_before_building_and_passes_the_flags_on(bucket):  # noqa: F811
     b, env = bucket
-    common = ["--bucket", b.name, "--dataset", f"gs://{b.name}/corpus.txt", "--project", "p", "--dry-run"]
+    common = ["--bucket", b.name, "--dataset", f"gs://{b.name}/corpus.txt", "--project", "my-project", "--dry-run"]
     refused = cloud(*common, "--model", "774M", env=env)
     assert refused.returncode == 2 and refused.stdout == ""
     assert re.fullmatch(r"error: 774M \(Adam, all weights, fp16, 1 x 1,024 tokens\) needs ~[\d.]+ GiB, the L4 "
