@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 from finetune import UsageError
+from finetune.arguments import fraction, gs_url, non_negative_int, positive_float, positive_int, seed_number
 
 MODELS = ["124M", "355M", "774M", "1558M"]
 DEFAULT_MODEL_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
@@ -27,56 +28,6 @@ RELEASE_N_CTX = 1024  # every GPT-2 release's
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         raise UsageError(f"{message} (see python -m finetune --help)")
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise ValueError
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise ValueError
-    return value
-
-
-def seed_number(text):
-    value = int(text)
-    if not 0 <= value < 2**32:  # what NumPy's and gpt-2-simple's seeding accept
-        raise ValueError
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise ValueError
-    return value
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 <= value <= 0.5:
-        raise ValueError
-    return value
-
-
-def gs_url(text):
-    if not text.startswith("gs://") or not text[5:].split("/", 1)[0]:
-        raise ValueError
-    return text.rstrip("/")
-
-
-# argparse names the type function in its error message; these names read well there.
-positive_int.__name__ = "positive integer"
-non_negative_int.__name__ = "non-negative integer"
-seed_number.__name__ = "seed (0 to 4294967295)"
-positive_float.__name__ = "positive number"
-gs_url.__name__ = "gs://bucket/prefix URL"
-fraction.__name__ = "fraction (0 to 0.5)"
 
 
 def build_parser():

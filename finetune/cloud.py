@@ -20,7 +20,8 @@ import sys
 
 from finetune import UsageError
 from finetune.__main__ import build_parser as finetune_parser
-from finetune.__main__ import gs_url, validate
+from finetune.__main__ import validate
+from finetune.arguments import gs_url
 
 # Regions whose Cloud Run jobs offer L4 GPUs: https://cloud.google.com/run/docs/configuring/jobs/gpu
 # ("Supported regions", read 2026-11; asia-south1 is by invitation only, so not listed here).

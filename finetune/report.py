@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from finetune import UsageError, memorization
+from finetune.arguments import positive_int, seed_number
 from finetune.files import atomic_write_text
 from finetune.validation import WINDOWS_FILE
 
@@ -188,24 +189,6 @@ def print_report(report):
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         raise UsageError(f"{message} (see python -m finetune.report --help)")
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise ValueError
-    return value
-
-
-def seed_number(text):
-    value = int(text)
-    if not 0 <= value < 2**32:
-        raise ValueError
-    return value
-
-
-positive_int.__name__ = "positive integer"
-seed_number.__name__ = "seed (0 to 4294967295)"
 
 
 def main(argv=None):
