@@ -159,15 +159,17 @@ def chart(results, path):
     plt.close(fig)
 
 
-def write_outputs(out, results):
-    """finetune.json, .md and .png, each written to a temp file and renamed into place."""
-    text = table(results)
+def write_outputs(out, results, stem="finetune", make_table=None, make_chart=None):
+    """STEM.json, .md and .png (the default mode's table and chart unless others are given), each
+    written to a temp file and renamed into place."""
+    text = (make_table or table)(results)
+    names = [f"{stem}.json", f"{stem}.md", f"{stem}.png"]
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         tmp = Path(tmp)
-        (tmp / "finetune.json").write_text(json.dumps(results, indent=1) + "\n")
-        (tmp / "finetune.md").write_text(text + "\n")
-        chart(results, tmp / "finetune.png")
-        for name in ["finetune.json", "finetune.md", "finetune.png"]:
+        (tmp / names[0]).write_text(json.dumps(results, indent=1) + "\n")
+        (tmp / names[1]).write_text(text + "\n")
+        (make_chart or chart)(results, tmp / names[2])
+        for name in names:
             os.replace(tmp / name, out / name)
     return text
 
@@ -341,15 +343,7 @@ def run_options(args, models_dir, out, logs):
             tqdm.write(f"{key} {label}: {r['seconds_per_step']:.2f} s/step, peak RSS {r['peak_rss_gib']:.2f} GiB "
                        f"(estimate {r['estimate_gib']:.2f}), last loss {r['losses'][-1]:.4f}")
     results["load"] = [min(loads), max(loads)]
-    text = options_table(results)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        tmp = Path(tmp)
-        (tmp / "options.json").write_text(json.dumps(results, indent=1) + "\n")
-        (tmp / "options.md").write_text(text + "\n")
-        options_chart(results, tmp / "options.png")
-        for name in ["options.json", "options.md", "options.png"]:
-            os.replace(tmp / name, out / name)
-    print(text)
+    print(write_outputs(out, results, "options", options_table, options_chart))
     print(f"\nwrote {out / 'options.md'}, {out / 'options.png'}, {out / 'options.json'}")
 
 

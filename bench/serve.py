@@ -290,31 +290,24 @@ class Server:
                     raise BenchError(f"{self.name} did not accept connections within {timeout} s")
                 time.sleep(0.005)
 
-    def post(self, body):
-        """POST /v1/completions; returns (answer JSON, seconds on the client's clock)."""
+    def request(self, method, path, body=None, headers=None):
+        """One request; returns (answer JSON, seconds on the client's clock)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
         start = time.perf_counter()
-        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        conn.request(method, path, body, headers or {})
         resp = conn.getresponse()
         answer = resp.read()
         seconds = time.perf_counter() - start
         conn.close()
         if resp.status != 200:
-            raise BenchError(f"{self.name} answered {resp.status} to {body}: {answer[:200]!r}")
+            raise BenchError(f"{self.name} answered {resp.status} to {method} {path} {body or ''}: {answer[:200]!r}")
         return json.loads(answer), seconds
 
+    def post(self, body):
+        return self.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+
     def get(self, **params):
-        """One request; returns (answer JSON, seconds on the client's clock)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
-        start = time.perf_counter()
-        conn.request("GET", "/?" + urllib.parse.urlencode(params))
-        resp = conn.getresponse()
-        body = resp.read()
-        seconds = time.perf_counter() - start
-        conn.close()
-        if resp.status != 200:
-            raise BenchError(f"our server answered {resp.status} to {params}: {body[:200]!r}")
-        return json.loads(body), seconds
+        return self.request("GET", "/?" + urllib.parse.urlencode(params))
 
     def memory(self):
         return memory_mb(self.proc.pid)
