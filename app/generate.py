@@ -13,7 +13,7 @@ comes back. Errors are {"error": "..."}, as in the rest of /v2.
 from app import answers, logs
 from app.engine import Generation
 from app.gate import run
-from app.http import UJSONResponse, json_params, read_body, sse
+from app.http import UJSONResponse, check_name, json_params, read_body, sse
 from app.params import ParamError, alias_specs, parse, prompt_for, unalias
 from app.schema import GENERATES, STRING, json_body, obj, responses, schema, sse_content
 
@@ -49,12 +49,6 @@ def read_request(state, data, streamed):
         raise ParamError("stream=true is for generate_stream; generate answers in one piece", "stream")
     values["stream"] = streamed  # generate_stream streams, whether or not the request says so
     return values, request_id
-
-
-def check_name(request):
-    name, served = request.path_params["name"], request.app.state.name
-    if name != served:
-        raise ParamError(f"unknown model {name!r}; this server serves {served!r}")
 
 
 async def generate(request, streamed=False):

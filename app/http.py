@@ -128,3 +128,10 @@ def error_handlers(shapes, api):
         return error(request, 500, "internal error (logged on the server)")
 
     return {HTTPException: http_error, ClientDisconnect: client_gone, Exception: server_error}
+
+
+def check_name(request):
+    """/v2/models/NAME/...: NAME must be the served model's (V2 and its generate extension)."""
+    name, served = request.path_params["name"], request.app.state.name
+    if name != served:
+        raise ParamError(f"unknown model {name!r}; this server serves {served!r}")

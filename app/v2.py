@@ -22,7 +22,7 @@ from starlette.responses import Response
 from app import answers, logs
 from app.engine import Generation
 from app.gate import run
-from app.http import UJSONResponse, json_object, read_body
+from app.http import UJSONResponse, check_name, json_object, read_body
 from app.params import ParamError, alias_specs, kind, parse, prompt_for, unalias
 from app.schema import (BOOLEAN, GENERATES, INTEGER, STRING, STRINGS, budget, get, json_body, obj, responses,
                         schema)
@@ -38,12 +38,6 @@ def shape(status, message, retry_after=None):
 
 def error(status, message, headers=None):
     return UJSONResponse(shape(status, message), status, headers=headers)
-
-
-def check_name(request):
-    name, served = request.path_params["name"], request.app.state.name
-    if name != served:
-        raise ParamError(f"unknown model {name!r}; this server serves {served!r}")
 
 
 # ---------------------------------------------------------------- tensors
