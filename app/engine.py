@@ -1,18 +1,19 @@
 """GPT-2 for the server: the exported GGUF model run by llama.cpp (app/llama_engine.py), our
-tokenizer, and sampling as gpt-2-simple defines it (temperature, then top_p or top_k), in NumPy
-on llama.cpp's logits. No TensorFlow here.
+tokenizer, and sampling as gpt-2-simple defines it (temperature, then top_p or top_k), by
+llama.cpp's samplers. No TensorFlow or NumPy here.
 """
+import array
 import hashlib
 import json
+import math
 import os
 import re
+import secrets
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
-from app.llama_engine import LlamaError, LlamaModel
+from app.llama_engine import LlamaError, LlamaModel, Sampler
 from app.tokenizer import END_OF_TEXT, TextDecoder, Tokenizer
 
 EXPORT_COMMAND = "python -m finetune.export {}"
@@ -88,11 +89,6 @@ def check_export(run_dir, hparams):
 # ---------------------------------------------------------------- the model
 
 
-def softmax(x):
-    x = np.exp(x - x.max(axis=-1, keepdims=True))
-    return x / x.sum(axis=-1, keepdims=True)
-
-
 class GPT2:
     def __init__(self, run_dir):
         run_dir = Path(run_dir)
@@ -135,7 +131,8 @@ class GPT2:
         self.tokenizer.model = self.llama  # its vocabulary encodes and decodes
         self.run_dir = run_dir
         # NaN or infinite weights (a diverged run) make NaN logits: refuse them rather than answer "".
-        if not np.isfinite(self.llama.prompt([self.tokenizer.end_token])).all():
+        self.llama.prompt([self.tokenizer.end_token])
+        if not math.isfinite(sum(array.array("f", self.llama.logits(1)))):  # NaN or inf: the sum is too
             raise ModelError(f"the weights in {run_dir / 'weights'} are not finite (NaN or infinity): the run "
                              "diverged; train again from an earlier checkpoint or with a lower --learning-rate")
         self.lock = threading.Lock()  # one generation at a time: the key/value cache is shared
@@ -150,29 +147,20 @@ class GPT2:
 # ---------------------------------------------------------------- sampling
 
 
-def filter_logits(logits, temperature, top_k, top_p):
-    """gpt-2-simple's sample.py: divide by temperature, then top_p (if > 0) or top_k (if > 0)."""
-    logits = logits / np.float32(temperature)
-    if top_p > 0:
-        ordered = -np.sort(-logits, axis=-1)
-        probs = softmax(ordered.astype(np.float64))
-        before = np.cumsum(probs, axis=-1) - probs  # exclusive cumulative sum
-        kept = np.maximum((before < top_p).sum(axis=-1), 1)
-        floor = ordered[np.arange(len(ordered)), kept - 1][:, None]
-        logits = np.where(logits < floor, np.float32(-1e10), logits)
-    elif 0 < top_k < logits.shape[-1]:
-        floor = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
-        logits = np.where(logits < floor, np.float32(-1e10), logits)
-    return logits
+def samplers(temperature, top_k, top_p, seed, nsamples):
+    """One sampler a sample, as gpt-2-simple's sample.py filters: divide by temperature, then top_p
+    (if > 0) or else top_k (if > 0); llama.cpp's top_p keeps the most likely tokens up to the first
+    whose cumulative probability reaches top_p, as gpt-2-simple does. Each sample's generator is seeded
+    from the request's seed and the sample's number (a random seed when none is given), so a seed
+    gives the same texts again, and seeds 7 and 8 share no sample."""
+    if seed is None:
+        seed = secrets.randbits(32)
+    return [Sampler(temperature, 0 if top_p > 0 else top_k, top_p, sample_seed(seed, i)) for i in range(nsamples)]
 
 
-def sample(logits, rng):
-    """One token per row from softmax(logits): where a uniform draw falls on its cumulative sum
-    (left unnormalised: the draw is scaled instead, a pass over the vocabulary less per token)."""
-    logits = logits.astype(np.float64)
-    cdf = np.cumsum(np.exp(logits - logits.max(axis=-1, keepdims=True)), axis=-1)
-    u = rng.random(len(cdf)) * cdf[:, -1]
-    return np.array([min(np.searchsorted(c, x, side="right"), len(c) - 1) for c, x in zip(cdf, u)])
+def sample_seed(seed, i):
+    digest = hashlib.blake2b(f"{seed} {i}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") % 0xFFFFFFFF  # 0xFFFFFFFF is llama.cpp's "random seed"
 
 
 # ---------------------------------------------------------------- text
@@ -245,30 +233,30 @@ class Generation:
     def __init__(self, model, prompt, *, prefix, length, temperature, top_k, top_p, seed, nsamples,
                  truncate, include_prefix, strip_newlines=True):
         self.model, self.prompt, self.length = model, prompt, length
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.rng = np.random.default_rng(seed)
+        self.samplers = samplers(temperature, top_k, top_p, seed, nsamples)
         self.samples = [SampleText(model.tokenizer, prefix, include_prefix, truncate, strip_newlines)
                         for _ in range(nsamples)]
         self.result = None
 
     def __iter__(self):
-        model, samples = self.model, self.samples
+        llama, samples = self.model.llama, self.samples
         B, T = len(samples), len(self.prompt)
-        with model.lock:
+        with self.model.lock:
             started = time.perf_counter()
-            logits = model.llama.prompt(self.prompt)
+            llama.prompt(self.prompt)
             if B > 1:  # same prompt for every sample: computed once, shared
-                model.llama.fork(B)
-                logits = np.repeat(logits, B, axis=0)
+                llama.fork(B)
+            outputs = [-1] * B  # every sample draws from the prompt's last logits first
             for step in range(self.length):
-                tokens = sample(filter_logits(logits, self.temperature, self.top_k, self.top_p), self.rng)
+                tokens = [llama.sample(sampler, output) for sampler, output in zip(self.samplers, outputs)]
                 for s, t in zip(samples, tokens):
                     if s.stop_reason is None:
-                        s.add(int(t))
+                        s.add(t)
                 if all(s.stop_reason for s in samples) or step + 1 == self.length:
                     break
                 yield samples[0].new_piece()
-                logits = model.llama.step(tokens, T + step)
+                llama.step(tokens, T + step)
+                outputs = range(B)
             for s in samples:
                 s.finish()
             seconds = time.perf_counter() - started

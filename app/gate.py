@@ -115,7 +115,7 @@ async def steps(request, generation, gate):
         else:
             put(_DONE)
 
-    # In the request's context: what it logs (a NumPy warning) carries the request's trace (app/logs.py).
+    # In the request's context: whatever it logs (a library's warning) carries the request's trace (app/logs.py).
     threading.Thread(target=contextvars.copy_context().run, args=(work,), name="generation", daemon=True).start()
     timing = metrics.Timing()
     try:

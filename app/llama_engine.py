@@ -1,7 +1,9 @@
 """GPT-2's forward pass in llama.cpp, in-process through llama-cpp-python's C bindings.
 
-Token ids go in and logits come out: sampling and text stay in app/engine.py, so every API
-parameter means what it meant with gpt-2-simple. The GGUF file carries the run's vocabulary, whose
+Token ids go in; tokens come out, drawn by llama.cpp's own sampler chain from the logits in place
+(no copy of the logits into Python, and no NumPy in the server: about 28 MB and 80 ms of a cold
+start); app/engine.py chooses the chain so that every API parameter means what it meant with
+gpt-2-simple, and handles the text. The GGUF file carries the run's vocabulary, whose
 tokenizer (GPT-2's byte-level BPE) app/tokenizer.py uses through `tokenize` and `piece`. The GGUF
 file is memory-mapped (never rewritten in place: see finetune/export.py). Samples of one request
 are sequences 0..B-1 of one key/value cache; the prompt is computed once, in sequence 0, and shared
@@ -16,8 +18,6 @@ import ctypes
 import importlib
 import importlib.util
 import sys
-
-import numpy as np
 
 
 def _bindings():
@@ -85,7 +85,8 @@ class LlamaModel:
         self.batch = L.llama_batch_init(n_ctx, 0, 1)
 
     def _decode(self, tokens, positions, seqs, outputs):
-        """Run the model on a batch; return the logits of the positions flagged in `outputs`."""
+        """Run the model on a batch; the logits of the positions flagged in `outputs` stay in the
+        context, for Sampler.sample and logits()."""
         batch = self.batch
         for i, (token, pos, seq, out) in enumerate(zip(tokens, positions, seqs, outputs)):
             batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, out
@@ -94,15 +95,18 @@ class LlamaModel:
         code = L.llama_decode(self.ctx, batch)
         if code != 0:
             raise LlamaError(f"llama_decode failed ({code}): {' '.join(_errors)}")
-        logits = L.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(logits, (sum(map(bool, outputs)), self.n_vocab)).copy()
+
+    def logits(self, rows):
+        """The last decode's logits for its first `rows` outputs: float32 bytes, [rows, n_vocab] row
+        by row (numpy.frombuffer reads them; the server itself only checks they are finite)."""
+        return ctypes.string_at(L.llama_get_logits(self.ctx), 4 * rows * self.n_vocab)
 
     def prompt(self, ids, all_logits=False):
-        """Start afresh with `ids` in sequence 0: the logits of its last position [1, V], or of
-        every position [T, V]."""
+        """Start afresh with `ids` in sequence 0, computing the logits of its last position (output
+        -1), or of every position."""
         n = len(ids)
         L.llama_memory_clear(self.memory, False)
-        return self._decode(ids, range(n), [0] * n, [all_logits] * (n - 1) + [True])
+        self._decode(ids, range(n), [0] * n, [all_logits] * (n - 1) + [True])
 
     def fork(self, n_seqs):
         """Sequences 1..n_seqs-1 continue from sequence 0's prompt (shared cache cells, no copy)."""
@@ -110,9 +114,9 @@ class LlamaModel:
             L.llama_memory_seq_cp(self.memory, 0, seq, -1, -1)
 
     def step(self, tokens, pos):
-        """Token i goes to sequence i at position `pos`: the next logits [B, V]."""
+        """Token i goes to sequence i at position `pos`; its next logits are output i."""
         n = len(tokens)
-        return self._decode([int(t) for t in tokens], [pos] * n, range(n), [True] * n)
+        self._decode(tokens, [pos] * n, range(n), [True] * n)
 
     def tokenize(self, text):
         """GPT-2's byte-level BPE of `text` with the model's vocabulary: no special tokens (an
@@ -134,9 +138,35 @@ class LlamaModel:
             n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
         return buf.raw[:n]
 
+    def sample(self, sampler, output):
+        """A token drawn by `sampler` from the logits of output `output` (-1: the last) of the last
+        decode."""
+        return L.llama_sampler_sample(sampler.chain, self.ctx, output)
+
     def __del__(self):
         if getattr(self, "ctx", None):
             L.llama_batch_free(self.batch)
             L.llama_free(self.ctx)
         if getattr(self, "model", None):
             L.llama_model_free(self.model)
+
+
+class Sampler:
+    """llama.cpp's sampler chain: logits / temperature, then top_p (if > 0) and top_k (if > 0), then
+    a draw from the softmax of what is left with a generator (std::mt19937) of its own, seeded."""
+
+    def __init__(self, temperature, top_k, top_p, seed):
+        assert 0 <= seed < L.LLAMA_DEFAULT_SEED, seed  # LLAMA_DEFAULT_SEED would mean "a random seed"
+        params = L.llama_sampler_chain_default_params()
+        params.no_perf = True
+        self.chain = L.llama_sampler_chain_init(params)
+        L.llama_sampler_chain_add(self.chain, L.llama_sampler_init_temp(temperature))
+        if top_p > 0:
+            L.llama_sampler_chain_add(self.chain, L.llama_sampler_init_top_p(top_p, 1))
+        if top_k > 0:
+            L.llama_sampler_chain_add(self.chain, L.llama_sampler_init_top_k(top_k))
+        L.llama_sampler_chain_add(self.chain, L.llama_sampler_init_dist(seed))
+
+    def __del__(self):
+        if getattr(self, "chain", None):
+            L.llama_sampler_free(self.chain)

@@ -80,7 +80,7 @@ LOG_CONFIG = {
 
 
 def setup():
-    """JSON lines for the app's logger and for warnings (NumPy's RuntimeWarnings), when nothing configured
+    """JSON lines for the app's logger and for warnings (a library's), when nothing configured
     them (e.g. `uvicorn app.main:app`; `python -m app` uses LOG_CONFIG)."""
     logging.captureWarnings(True)
     for name in ("app", "py.warnings"):

@@ -55,7 +55,9 @@ def heldout_loss(model, windows):
     """The export's mean cross-entropy over the held-out windows (as training measures it)."""
     losses = []
     for window in windows:
-        logits = model.llama.prompt([int(t) for t in window], all_logits=True)[:-1].astype(np.float64)
+        model.llama.prompt([int(t) for t in window], all_logits=True)
+        logits = np.frombuffer(model.llama.logits(len(window)), np.float32).reshape(len(window), -1)
+        logits = logits[:-1].astype(np.float64)
         top = logits.max(axis=1, keepdims=True)
         log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
         losses.append(float(np.mean(log_z - logits[np.arange(len(logits)), window[1:]])))

@@ -81,6 +81,14 @@ def openai_layout(run_dir, dest):
     return dest
 
 
+def all_logits(llama, ids):
+    """The logits llama.cpp computes for every position of `ids`, as a NumPy array [len(ids), n_vocab]."""
+    import numpy as np
+
+    llama.prompt(ids, all_logits=True)
+    return np.frombuffer(llama.logits(len(ids)), np.float32).reshape(len(ids), llama.n_vocab)
+
+
 def find_free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

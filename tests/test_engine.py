@@ -7,8 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from app.engine import GPT2, Generation, ModelError, SampleText, filter_logits
+from app.engine import GPT2, Generation, ModelError, SampleText, samplers
 from app.tokenizer import Tokenizer
+from conftest import all_logits
 
 TEXTS = [
     "Hello world", "my dog likes the red ball.", "<|endoftext|>", "<|startoftext|>the cat sees a warm day.<|endoftext|>",
@@ -101,12 +102,17 @@ def test_tokenizer_matches_gpt2_simple_on_many_texts(tiny_run):
 LOGIT_TOLERANCE = 1e-3
 
 
+def last_logits(llama):
+    """The logits of the last decode's first output (a prompt's last position, a step's sample 0)."""
+    return np.frombuffer(llama.logits(1), np.float32)
+
+
 def test_logits_match_tensorflow(f32_model, tf_session):
     model = f32_model
     sess, context, logits = tf_session
     ids = model.tokenizer.encode("<|startoftext|>the cat likes the red ball. émoji 🎉 and more text here")
     expected = sess.run(logits, {context: [ids]})[0]
-    got = model.llama.prompt(ids, all_logits=True)
+    got = all_logits(model.llama, ids)
     assert got.shape == expected.shape == (len(ids), model.n_vocab)
     error = np.abs(got - expected).max() / np.abs(expected).max()
     print(f"F32 GGUF vs TensorFlow: largest logit difference {error:.2e} of the largest logit")
@@ -114,9 +120,10 @@ def test_logits_match_tensorflow(f32_model, tf_session):
 
     # The key/value cache path: prompt in one pass, then one token at a time, gives the same logits.
     split = 5
-    steps = [model.llama.prompt(ids[:split])[0]]
+    steps = [all_logits(model.llama, ids[:split])[-1]]
     for i in range(split, len(ids)):
-        steps.append(model.llama.step([ids[i]], i)[0])
+        model.llama.step([ids[i]], i)
+        steps.append(last_logits(model.llama))
     assert np.abs(np.array(steps) - expected[split - 1:]).max() <= LOGIT_TOLERANCE * np.abs(expected).max()
 
 
@@ -133,9 +140,11 @@ def test_50_greedy_tokens_match_tensorflow(f32_model, tf_session, tiny_run):
     for prefix in ("<|startoftext|>", "<|startoftext|>my dog", "<|startoftext|>the weather found"):
         prompt = model.tokenizer.encode(prefix)
         expected = sess.run(output, {context: [prompt]})[0, len(prompt):].tolist()
-        ours = [int(model.llama.prompt(prompt)[0].argmax())]  # straight on, past end tokens
+        model.llama.prompt(prompt)
+        ours = [int(last_logits(model.llama).argmax())]  # straight on, past end tokens
         for i in range(49):
-            ours.append(int(model.llama.step([ours[-1]], len(prompt) + i)[0].argmax()))
+            model.llama.step([ours[-1]], len(prompt) + i)
+            ours.append(int(last_logits(model.llama).argmax()))
         assert ours == expected, prefix
 
 
@@ -233,15 +242,44 @@ def test_streamed_pieces_never_split_a_character(model):
     assert not any("\ufffd" in piece for piece in pieces), pieces
 
 
-def test_filter_logits_top_k_and_top_p():
-    logits = np.log(np.array([[0.5, 0.25, 0.15, 0.1]], np.float32))
-    kept = lambda out: (out > -1e9).sum()
-    assert kept(filter_logits(logits, 1.0, 2, 0.0)) == 2
-    assert kept(filter_logits(logits, 1.0, 0, 0.0)) == 4
-    assert kept(filter_logits(logits, 1.0, 0, 0.5)) == 1    # 0.5 alone reaches p=0.5
-    assert kept(filter_logits(logits, 1.0, 0, 0.6)) == 2
-    assert kept(filter_logits(logits, 1.0, 1, 0.95)) == 4   # top_p > 0 overrides top_k
-    assert np.allclose(filter_logits(logits, 0.5, 0, 0.0), logits * 2)
+def gpt2_simple_kept(logits, temperature, top_k, top_p):
+    """The tokens gpt-2-simple's sample.py can draw (its top_k_logits / top_p_logits, in NumPy)."""
+    logits = logits.astype(np.float64) / temperature
+    order = np.argsort(-logits)
+    if top_p > 0:
+        probs = np.exp(logits[order] - logits.max())
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs  # exclusive cumulative sum: keep while it is below top_p
+        return set(order[:max(int((before < top_p).sum()), 1)].tolist())
+    return set(order[:top_k].tolist()) if top_k > 0 else set(order.tolist())
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 3, 0.0), (0.7, 1, 0.0), (1.0, 0, 0.5), (2.0, 0, 0.9),
+                                                       (1.0, 2, 0.8)])  # the last: top_p > 0 overrides top_k
+def test_samplers_draw_only_what_gpt2_simple_keeps(model, temperature, top_k, top_p):
+    model.llama.prompt(model.tokenizer.encode("<|startoftext|>my dog"))
+    logits = last_logits(model.llama)
+    allowed = gpt2_simple_kept(logits, temperature, top_k, top_p)
+    draws = [model.llama.sample(s, -1) for s in samplers(temperature, top_k, top_p, seed=1, nsamples=4)
+             for _ in range(100)]  # each sampler draws 100 times from the same logits
+    print(f"allowed {len(allowed)}, drawn {len(set(draws))}")
+    assert set(draws) <= allowed
+    if len(allowed) > 1:
+        assert len(set(draws)) > 1
+
+
+def test_samplers_follow_the_softmax(model):
+    """Over the whole vocabulary, each token is drawn as often as softmax(logits / temperature) says."""
+    model.llama.prompt(model.tokenizer.encode("<|startoftext|>the"))
+    logits = last_logits(model.llama).astype(np.float64) / 1.5
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    n = 4000
+    counts = np.bincount([model.llama.sample(s, -1) for s in samplers(1.5, 0, 0.0, 3, 4) for _ in range(n // 4)],
+                         minlength=len(probs))
+    for token in np.argsort(-probs)[:5]:  # the likeliest tokens: each within 5 standard deviations
+        expected, sd = n * probs[token], np.sqrt(n * probs[token] * (1 - probs[token]))
+        assert abs(counts[token] - expected) <= 5 * sd + 1, (token, counts[token], expected)
 
 
 def test_refuses_missing_or_stale_export(tiny_run, tmp_path):

@@ -229,15 +229,14 @@ def test_sigterm_ends_a_stream_with_an_error_event(big_run, tmp_path):
 # ---------------------------------------------------------------- items 9, 13, 15: logs and headers
 
 
-def test_numpy_warnings_are_json_log_lines(tiny_run, tmp_path):
-    """Logits near float32's limit overflow when divided by a small temperature: NumPy warns, and the
-    warning is a JSON line too."""
-    run = write_random_run(tmp_path / "run1", tiny_run, n_embd=64, n_head=2, final_gain=1e37)  # logits ~1e37
+def test_logits_that_overflow_at_a_small_temperature_still_answer(tiny_run, tmp_path):
+    """Logits near float32's limit (~1e37) divided by temperature 0.01 are infinite: llama.cpp's sampler
+    still picks a token, and the request gets its answer, not a 500."""
+    run = write_random_run(tmp_path / "run1", tiny_run, n_embd=64, n_head=2, final_gain=1e37)
     with running_server(run, find_free_port(), tmp_path / "log") as server:
-        assert httpx.get(server.url + "/", params={"length": 2, "temperature": 0.01}, timeout=60).status_code == 200
-        entries = server.logs()  # json.loads of every line
-    warnings = [e for e in entries if e["logger"] == "py.warnings"]
-    assert warnings and warnings[0]["severity"] == "WARNING" and "RuntimeWarning" in warnings[0]["message"]
+        r = httpx.get(server.url + "/", params={"length": 2, "temperature": 0.01}, timeout=60)
+        assert r.status_code == 200 and 1 <= r.json()["tokens"] <= 2
+        assert all(e["severity"] != "ERROR" for e in server.logs())
 
 
 @pytest.mark.parametrize("log_prompts", ["", "1"])

@@ -73,18 +73,19 @@ def test_n_seed_temperature_echo(client):
 
 
 def test_stop(client):
-    full = complete(client, seed=5, temperature=1.5, max_tokens=60).choices[0].text
+    # A seed whose text has every stop string below in it (the test needs stops that occur).
+    seed, full = next((seed, text) for seed in range(1, 50)
+                      if all(c in (text := complete(client, seed=seed, temperature=1.5, max_tokens=60).choices[0].text)
+                             for c in " .e"))
     for stop in (" ", [" ", "."], ["zzz", "e"]):
         stops = [stop] if isinstance(stop, str) else stop
-        hits = [i for s in stops if (i := full.find(s)) >= 0]
-        assert hits, (full, stop)  # the test needs a stop string that occurs
-        expected = full[:min(hits)]
-        cut = complete(client, seed=5, temperature=1.5, max_tokens=60, stop=stop)
+        expected = full[:min(full.find(s) for s in stops if s in full)]
+        cut = complete(client, seed=seed, temperature=1.5, max_tokens=60, stop=stop)
         assert cut.choices[0].text == expected and cut.choices[0].finish_reason == "stop"
-        streamed = list(complete(client, seed=5, temperature=1.5, max_tokens=60, stop=stop, stream=True))
+        streamed = list(complete(client, seed=seed, temperature=1.5, max_tokens=60, stop=stop, stream=True))
         assert "".join(chunk.choices[0].text for chunk in streamed) == expected
         assert streamed[-1].choices[0].finish_reason == "stop"
-    both = complete(client, seed=5, temperature=1.5, max_tokens=60, n=2, stop=[" ", "."])
+    both = complete(client, seed=seed, temperature=1.5, max_tokens=60, n=2, stop=[" ", "."])
     assert all(" " not in choice.text and "." not in choice.text for choice in both.choices)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from app.engine import GPT2
-from conftest import OBJECTS, OUT, ROOT, SUBJECTS, VERBS, run_finetune
+from conftest import OBJECTS, OUT, ROOT, SUBJECTS, VERBS, all_logits, run_finetune
 
 MODEL_ARGS = ["--from-scratch", "--n-layer", "2", "--n-embd", "256", "--n-head", "4", "--vocab-size", "1000",
               "--n-ctx", "128"]
@@ -98,7 +98,7 @@ def test_quantisation_perplexity_against_tensorflow(structured_run):
     for quant in ALLOWED:
         export(structured_run, quant)
         model = GPT2(structured_run)
-        nll = np.concatenate([token_nll(model.llama.prompt(ids, all_logits=True), ids) for ids in sequences])
+        nll = np.concatenate([token_nll(all_logits(model.llama, ids), ids) for ids in sequences])
         perplexity = float(np.exp(nll.mean()))
         rows.append((quant, perplexity, perplexity / reference - 1,
                      os.path.getsize(structured_run / "weights" / "model.gguf")))
