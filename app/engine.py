@@ -17,6 +17,7 @@ from app.llama_engine import LlamaError, LlamaModel, Sampler
 from app.tokenizer import END_OF_TEXT, TextDecoder, Tokenizer
 
 EXPORT_COMMAND = "python -m finetune.export {}"
+MODEL_DIR = os.environ.get("MODEL_DIR", "checkpoint/run1")  # the run folder the server serves
 MAX_NSAMPLES = 4  # rows of the preallocated key/value cache
 
 
@@ -116,19 +117,15 @@ class GPT2:
         self.hparams = hp
         self.manifest = check_export(run_dir, hp)
         fix = f"run `{EXPORT_COMMAND.format(run_dir)}`"
-        try:  # before the model: the memory its check of encoder.json takes is free again when the model loads
-            self.tokenizer = Tokenizer(run_dir, self.n_vocab)
-        except Exception as e:  # bad JSON, wrong types
-            raise ModelError(f"the tokenizer files in {run_dir} are corrupt ({e})") from None
-        if self.tokenizer.end_token is None:
-            raise ModelError(f"{run_dir / 'encoder.json'} has no {END_OF_TEXT} token")
         try:
             self.llama = LlamaModel(run_dir / "weights" / self.manifest["gguf"], self.n_ctx, MAX_NSAMPLES, threads())
         except LlamaError as e:
             raise ModelError(f"{e}: {fix}") from None
         if self.llama.n_vocab != self.n_vocab:
             raise ModelError(f"the exported model has {self.llama.n_vocab} tokens, hparams.json {self.n_vocab}: {fix}")
-        self.tokenizer.model = self.llama  # its vocabulary encodes and decodes
+        self.tokenizer = Tokenizer(run_dir, self.llama)
+        if self.llama.piece(self.llama.end_token) != END_OF_TEXT.encode():
+            raise ModelError(f"the exported model's end token is not {END_OF_TEXT}: {fix}")
         self.run_dir = run_dir
         # NaN or infinite weights (a diverged run) make NaN logits: refuse them rather than answer "".
         self.llama.prompt([self.tokenizer.end_token])

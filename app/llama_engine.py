@@ -70,6 +70,7 @@ class LlamaModel:
             raise LlamaError(f"llama.cpp cannot load {path}: {' '.join(_errors) or 'unknown error'}")
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.end_token = L.llama_vocab_eos(self.vocab)  # finetune/gguf_export.py: <|endoftext|>
         if n_ctx is None:
             return
         params = L.llama_context_default_params()

@@ -29,7 +29,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from app import auth, generate, logs, metrics, native, openai_api, openapi, tracing, v2
-from app.engine import GPT2, MAX_NSAMPLES
+from app.engine import GPT2, MAX_NSAMPLES, MODEL_DIR
 from app.gate import Gate
 from app.http import error_handlers
 from app.logs import log
@@ -57,7 +57,6 @@ def api_keys():
         fail(str(e))
 
 
-MODEL_DIR = os.environ.get("MODEL_DIR", "checkpoint/run1")
 ALLOWED_ORIGINS = [o.strip() for o in os.environ.get("ALLOWED_ORIGINS", "*").split(",") if o.strip()]
 QUEUE_SIZE = env_int("QUEUE_SIZE", 4)
 PREFIX_MAX_CHARS = env_int("PREFIX_MAX_CHARS", 500)

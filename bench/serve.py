@@ -499,7 +499,9 @@ def peer_figures(model, command, repeats, log_path):
             for attempt in range(10):  # ours stops at a sampled end token: rare with random weights
                 cpu = server.cpu_seconds()
                 answer, seconds = server.post(completion(model, server, 100, seed + 1000 * attempt))
-                if answer["usage"]["completion_tokens"] == 100:
+                # all 100 computed (completion_tokens counts the text's tokens again: random weights'
+                # tokens re-encode differently)
+                if answer["choices"][0]["finish_reason"] == "length":
                     break
             else:
                 raise BenchError(f"{server.name} stopped early on 10 seeds at 100 tokens")

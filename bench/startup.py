@@ -3,7 +3,7 @@
     python bench/startup.py RUN_DIR [--rounds 5]
 
 Each round is a new interpreter that does what `python -m app` does before it serves (imports, then
-app.engine.GPT2's steps one by one: the tokenizer files, the GGUF model and its context, the
+app.engine.GPT2's steps one by one: the GGUF model and its context, the
 start-up forward pass), recording after each phase the wall and CPU seconds and the resident memory (anonymous
 and file-backed, i.e. the memory-mapped model) from /proc. Prints a table of medians. CPU seconds
 are the steadier figure on a busy machine.
@@ -31,19 +31,16 @@ mark("interpreter")
 import uvicorn, app.logs
 mark("import uvicorn")
 import app.main
-mark("import app.main (starlette, numpy, llama.cpp bindings)")
+mark("import app.main (starlette, prometheus_client, llama.cpp bindings)")
 from pathlib import Path
 from app import engine
 run_dir = Path(sys.argv[1])
 hp = json.loads((run_dir / "hparams.json").read_text())
 manifest = engine.check_export(run_dir, hp)
 mark("check the export (hash the checkpoint index)")
-tokenizer = engine.Tokenizer(run_dir, hp["n_vocab"])
-mark("check the tokenizer files")
 llama = engine.LlamaModel(run_dir / "weights" / manifest["gguf"], hp["n_ctx"], engine.MAX_NSAMPLES, 1)
-tokenizer.model = llama
 mark("load the GGUF model, make the context")
-llama.prompt([tokenizer.end_token])
+llama.prompt([llama.end_token])
 mark("start-up forward pass")
 """
 
