@@ -87,13 +87,15 @@ class Gate:
 _DONE = object()
 
 
-async def steps(request, generation, gate):
+async def steps(request, generation, gate, every_piece=True):
     """Run `generation` in a worker thread and yield its new text piece by piece. The caller holds the gate.
 
     It stops with ClientLeft when the client hung up, or ShuttingDown once the drain deadline passed
     (checked between tokens, and every CHECK_SECONDS during a long one); the thread then ends after
     the token it is on. Use it with contextlib.aclosing, so that the thread is told to stop however
-    the caller ends."""
+    the caller ends. With every_piece false (a plain answer, which needs only its end) the thread hands
+    over only the first piece (the time to first token) and the end, and the checks run every
+    CHECK_SECONDS: the event loop is not woken for every token."""
     if await request.is_disconnected():
         raise ClientLeft()  # gave up while waiting in the queue
     loop = asyncio.get_running_loop()
@@ -105,11 +107,14 @@ async def steps(request, generation, gate):
             loop.call_soon_threadsafe(pieces.put_nowait, item)
 
     def work():
+        first = True
         try:
             for piece in generation:
                 if stop.is_set():
                     return
-                put(piece)
+                if every_piece or first:
+                    put(piece)
+                    first = False
         except Exception as e:
             put(e)
         else:
@@ -142,7 +147,7 @@ async def steps(request, generation, gate):
 
 async def run(request, generation, gate):
     """The whole answer, generated between the same checks as a stream (see `steps`)."""
-    async with contextlib.aclosing(steps(request, generation, gate)) as pieces:
+    async with contextlib.aclosing(steps(request, generation, gate, every_piece=False)) as pieces:
         async for _ in pieces:
             pass
     return generation.result
