@@ -6,8 +6,8 @@ DRAIN_SECONDS, then stops it between tokens (503, or an `error` event for a stre
 process exits with status 0 well within Cloud Run's 10 s (app/server.py).
 
 The model loads in a thread while the web stack is imported: llama.cpp reads the model without
-holding the GIL, so on two CPUs (Cloud Run's start-up CPU boost gives a 1-CPU service two while it
-starts) the imports cost no time (docs/benchmarks-llama-server.md).
+holding the GIL, so with more than one CPU (the deploy's --cpu-boost gives an instance more while it
+starts) the two overlap (docs/benchmarks-llama-server.md).
 """
 import logging
 import logging.config
@@ -21,7 +21,7 @@ from app.engine import GPT2, MODEL_DIR, ModelError
 
 
 class Loading(threading.Thread):
-    """GPT2(run_dir) in a thread of its own; result() waits for it."""
+    """GPT2(run_dir) in a thread of its own; result() waits for it, and raises what it raised."""
 
     def __init__(self, run_dir):
         super().__init__(name="load", daemon=True)
@@ -31,7 +31,7 @@ class Loading(threading.Thread):
     def run(self):
         try:
             self.model = GPT2(self.run_dir)
-        except ModelError as e:
+        except Exception as e:
             self.error = e
 
     def result(self):
