@@ -1,6 +1,6 @@
-"""GPT-2 for the server: the exported GGUF model run by llama.cpp (app/llama_engine.py), our
-tokenizer, and sampling as gpt-2-simple defines it (temperature, then top_p or top_k), by
-llama.cpp's samplers. No TensorFlow or NumPy here.
+"""GPT-2 for the server: the exported GGUF model run by llama.cpp (app/llama_engine.py), with its
+tokenizer (app/tokenizer.py) and its samplers, set up to sample as gpt-2-simple does (temperature,
+then top_p or top_k). No TensorFlow or NumPy here.
 """
 import array
 import hashlib
@@ -128,7 +128,7 @@ class GPT2:
             raise ModelError(f"the exported model's end token is not {END_OF_TEXT}: {fix}")
         self.run_dir = run_dir
         # NaN or infinite weights (a diverged run) make NaN logits: refuse them rather than answer "".
-        self.llama.prompt([self.tokenizer.end_token])
+        self.llama.prompt([self.llama.end_token])
         if not math.isfinite(sum(array.array("f", self.llama.logits(1)))):  # NaN or inf: the sum is too
             raise ModelError(f"the weights in {run_dir / 'weights'} are not finite (NaN or infinity): the run "
                              "diverged; train again from an earlier checkpoint or with a lower --learning-rate")
