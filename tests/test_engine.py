@@ -262,7 +262,6 @@ def test_samplers_draw_only_what_gpt2_simple_keeps(model, temperature, top_k, to
     allowed = gpt2_simple_kept(logits, temperature, top_k, top_p)
     draws = [model.llama.sample(s, -1) for s in samplers(temperature, top_k, top_p, seed=1, nsamples=4)
              for _ in range(100)]  # each sampler draws 100 times from the same logits
-    print(f"allowed {len(allowed)}, drawn {len(set(draws))}")
     assert set(draws) <= allowed
     if len(allowed) > 1:
         assert len(set(draws)) > 1
