@@ -447,8 +447,8 @@ class Trainer:
         except (MemoryError, tf.errors.ResourceExhaustedError):
             raise TrainingFailed(
                 f"out of memory at step {step} with --batch-size {self.args.batch_size} and "
-                f"{self.window}-token windows: use a smaller --batch-size or --window; "
-                f"{self.kept()}") from None
+                f"{self.window}-token windows: use a smaller --batch-size or --window"
+                f"{'' if self.args.recompute else ', or add --recompute'}; {self.kept()}") from None
         if not math.isfinite(loss):
             raise TrainingFailed(
                 f"the loss became {loss} at step {step}: training diverged (try a lower --learning-rate "

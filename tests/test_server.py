@@ -1,4 +1,4 @@
-"""The HTTP API over real HTTP: `python -m app` in a subprocess (TensorFlow made unimportable in it)
+"""The HTTP API over real HTTP: `python -m app` in a subprocess (TensorFlow and NumPy made unimportable in it)
 on a free port, driven with httpx.
 
 Two models: the trained `tiny_run` (it ends its texts, for stop reasons and parity of GET/POST), and a
@@ -27,9 +27,8 @@ import pytest
 from finetune.gguf_export import variable_shapes, write_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
-# The server process, with `import tensorflow` made to fail: it must never need it.
-# python -m app, where importing TensorFlow or NumPy fails: every server the tests start shows that
-# serving needs neither (the image has no TensorFlow; NumPy is installed but would cost 28 MB and 80 ms).
+# python -m app, where importing TensorFlow or NumPy fails: every server start_server launches shows that
+# serving needs neither (the image has no TensorFlow; NumPy is installed but would cost 20 MB and 50 ms).
 RUN_WITHOUT_TF_OR_NUMPY = ("import sys; sys.modules['tensorflow'] = sys.modules['numpy'] = None; import runpy; "
                            "runpy.run_module('app', run_name='__main__', alter_sys=True)")
 
