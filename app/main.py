@@ -10,9 +10,11 @@ below, in layers that import only downward:
     metrics                            Prometheus metrics (the gate times generations with it)
     params, engine, logs               parameters and their checks; the model; JSON logs
 
-    uvicorn app.main:app      (or `python -m app`, which also sets up JSON logs and clean shutdown)
+    uvicorn app.main:app      (or `python -m app`, which also sets up JSON logs, loads the model while it
+                               imports this file, and drains on SIGTERM: app/__main__.py, app/server.py)
 
-Settings come from the environment: MODEL_DIR (default checkpoint/run1), ALLOWED_ORIGINS (comma
+Settings come from the environment: MODEL_DIR (default checkpoint/run1; read in app/engine.py, so that
+`python -m app` can start loading the model before it imports this file), ALLOWED_ORIGINS (comma
 separated, default *), QUEUE_SIZE (requests that may wait, default 4), PREFIX_MAX_CHARS (default 500),
 LOG_PROMPTS (1: log prompts; see app/logs.py), API_KEYS or API_KEYS_FILE (see app/auth.py), METRICS
 (0: no /metrics), GOOGLE_CLOUD_PROJECT (for trace-correlated logs; see app/tracing.py).
