@@ -127,6 +127,9 @@ class GPT2:
         if self.llama.piece(self.llama.end_token) != END_OF_TEXT.encode():
             raise ModelError(f"the exported model's end token is not {END_OF_TEXT}: {fix}")
         self.run_dir = run_dir
+        # "delimited": trained on <|startoftext|>...<|endoftext|> texts (finetune/text_format.py), which
+        # the API's defaults then follow; an export from before that record is "plain".
+        self.text_format = self.manifest.get("text_format", "plain")
         # NaN or infinite weights (a diverged run) make NaN logits: refuse them rather than answer "".
         self.llama.prompt([self.llama.end_token])
         if not math.isfinite(sum(array.array("f", self.llama.logits(1)))):  # NaN or inf: the sum is too
@@ -136,9 +139,9 @@ class GPT2:
 
     def served(self):
         """Which checkpoint is served, its step and validation loss (None when unknown: an export made
-        before validation existed), for /limits and /v1/models."""
+        before validation existed), and its texts' format, for /limits and /v1/models."""
         return {"checkpoint": self.manifest["checkpoint"], "step": self.manifest.get("step"),
-                "val_loss": self.manifest.get("val_loss")}
+                "val_loss": self.manifest.get("val_loss"), "text_format": self.text_format}
 
 
 # ---------------------------------------------------------------- sampling

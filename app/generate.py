@@ -14,7 +14,7 @@ from app import answers, logs
 from app.engine import Generation
 from app.gate import run
 from app.http import UJSONResponse, check_name, json_params, read_body, sse
-from app.params import ParamError, alias_specs, parse, prompt_for, unalias
+from app.params import ParamError, alias_specs, given_prefix, parse, prompt_for, unalias
 from app.schema import GENERATES, STRING, json_body, obj, responses, schema, sse_content
 
 INPUT, OUTPUT = "text_input", "text_output"
@@ -44,7 +44,7 @@ def read_request(state, data, streamed):
     if unknown := [name for name in given if name not in allowed]:
         raise ParamError(f"unknown parameter {unknown[0]!r}; the parameters are {', '.join(allowed)} "
                          f"(or {', '.join(alias_specs(state.table))})", unknown[0])
-    values = parse(state.table, {**given, "prefix": data[INPUT]})
+    values = parse(state.table, {**given, **given_prefix(data[INPUT])})
     if values["stream"] and not streamed:
         raise ParamError("stream=true is for generate_stream; generate answers in one piece", "stream")
     values["stream"] = streamed  # generate_stream streams, whether or not the request says so

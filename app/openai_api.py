@@ -32,7 +32,7 @@ def parameters(table):
     The validation and /openapi.json both read this."""
     return {
         "model": Text(None, 200),  # required: checked against the served model's name
-        "prompt": table["prefix"],
+        "prompt": Text("", table["prefix"].max_chars),  # empty: start a text (engine_arguments)
         "max_tokens": Integer(16, 1, table["length"].high),
         "temperature": Number(1.0, 0.0, table["temperature"].high),  # 0: greedy
         "top_p": Number(1.0, table["top_p"].low, table["top_p"].high),
@@ -95,7 +95,9 @@ def engine_arguments(values, table):
     """Generation's keyword arguments for OpenAI's values; `table` is the API's, whose lowest temperature
     is the engine's: below it (OpenAI's 0 included) decoding is greedy, as is top_p 0."""
     greedy = values["temperature"] < table["temperature"].low or values["top_p"] == 0
-    return {"prefix": values["prompt"], "length": values["max_tokens"], "nsamples": values["n"],
+    # OpenAI: with no prompt "the model will generate as if from the beginning of a new document": for
+    # a run trained on <|startoftext|>-delimited texts, the native API's default start does that.
+    return {"prefix": values["prompt"] or table["prefix"].default, "length": values["max_tokens"], "nsamples": values["n"],
             "seed": values["seed"], "temperature": 1.0 if greedy else values["temperature"],
             "top_k": 1 if greedy else 0, "top_p": 0.0 if greedy or values["top_p"] == 1 else values["top_p"],
             "truncate": values["stop"],  # the engine stops each choice at its first stop string

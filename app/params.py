@@ -109,17 +109,23 @@ class Text:
         return {"type": self.type, "default": self.default, "max_chars": self.max_chars}
 
 
-def parameters(n_ctx, n_vocab, prefix_max_chars=500, max_nsamples=4):
-    """The parameter table for a model; order is the documented order."""
+START_OF_TEXT, END_OF_TEXT = "<|startoftext|>", "<|endoftext|>"
+
+
+def parameters(n_ctx, n_vocab, prefix_max_chars=500, max_nsamples=4, text_format="plain"):
+    """The parameter table for a model; order is the documented order. For a model trained on
+    <|startoftext|>...<|endoftext|> texts ("delimited"), the defaults make one whole text: start
+    after <|startoftext|>, stop at <|endoftext|>, the marker left out of the answer."""
+    whole_texts = text_format == "delimited"
     return {
         "length": Integer(100, 1, n_ctx - 1),
         # Near 0, logits / temperature overflows float32 (from about 1e-37); greedy decoding is top_k=1.
         "temperature": Number(0.7, 0.01, 2.0),
         "top_k": Integer(0, 0, n_vocab),
         "top_p": Number(0.0, 0.0, 1.0),
-        "prefix": Text("", prefix_max_chars),
-        "truncate": Text(None, 100),
-        "include_prefix": Boolean(True),
+        "prefix": Text(START_OF_TEXT if whole_texts else "", prefix_max_chars),
+        "truncate": Text(END_OF_TEXT if whole_texts else None, 100),
+        "include_prefix": Boolean(not whole_texts),
         "seed": Integer(None, 0, 2**32 - 1),
         "nsamples": Integer(1, 1, max_nsamples),
         "stream": Boolean(False),
@@ -195,11 +201,19 @@ def parse(table, given):
     if unknown:
         raise ParamError(f"unknown parameter {unknown[0]!r}; the parameters are {', '.join(table)}", unknown[0])
     values = check(table, given, HINTS)
+    if given.get("prefix") is not None and given.get("include_prefix") is None:
+        values["include_prefix"] = True  # a prefix of the request's own is in the answer, as gpt-2-simple's
     if values["stream"] and values["nsamples"] > 1:
         raise ParamError("stream=true works with nsamples=1 only", "nsamples")
     if values["truncate"] == "":
         values["truncate"] = None
     return values
+
+
+def given_prefix(text):
+    """V2's and Triton's text_input as a prefix: an empty one is none given, so the model's default start
+    applies (a whole text for a delimited run), as for a GET / without a prefix."""
+    return {"prefix": text} if text else {}
 
 
 def prompt_for(model, values, texts=1):

@@ -23,7 +23,7 @@ from app import answers, logs
 from app.engine import Generation
 from app.gate import run
 from app.http import UJSONResponse, check_name, json_object, read_body
-from app.params import ParamError, alias_specs, kind, parse, prompt_for, unalias
+from app.params import ParamError, alias_specs, given_prefix, kind, parse, prompt_for, unalias
 from app.schema import (BOOLEAN, GENERATES, INTEGER, STRING, STRINGS, budget, get, json_body, obj, responses,
                         schema)
 
@@ -189,7 +189,7 @@ async def infer(request):
         check_parameters(state.table, parameters)
         runs = []
         for text in texts:
-            values = parse(state.table, {**parameters, "prefix": text})
+            values = parse(state.table, {**parameters, **given_prefix(text)})
             runs.append((prompt_for(state.model, values, len(texts)), values))
     except ParamError as e:
         # The checks shared with GET / call the text prefix.

@@ -81,7 +81,7 @@ def build_parser():
                    help="held-out tokens per measurement (a fixed set of windows): bounds its time")
     p.add_argument("--early-stop", type=non_negative_int, default=0,
                    help="stop after N measurements without a lower validation loss (0: never)")
-    p.add_argument("--report-samples", type=non_negative_int, default=20,
+    p.add_argument("--report-samples", type=non_negative_int, default=50,  # finetune/report.py SAMPLES
                    help="after training, samples for the memorization report (python -m finetune.report; 0: none)")
     p.add_argument("--restore-from", default="latest",
                    help="latest: continue RUN's checkpoint if any; fresh: start again from the base model")
@@ -257,13 +257,13 @@ def run_locked(args):
             if not stop.saved:
                 print(f"{stop}: stopped before the first step, nothing saved", file=sys.stderr)
                 return 128 + stop.signum
-            export.export(run_dir)
+            export.export(run_dir, dataset=args.dataset)
             where = f"{run_dir} and {args.upload}" if args.upload else run_dir
             print(f"{stop}: saved {export.latest_checkpoint_name(run_dir)} in {where}; "
                   "continue with --restore-from latest", file=sys.stderr)
             return 128 + stop.signum
         try:
-            manifest = export.export(run_dir)
+            manifest = export.export(run_dir, dataset=args.dataset)
         except export.ExportError as e:
             raise UsageError(str(e)) from None
         print(f"Exported weights to {os.path.dirname(manifest)} ({exported_what(manifest)})")

@@ -24,6 +24,7 @@ import tempfile
 
 import numpy as np
 
+from finetune import text_format
 from finetune.gguf_export import DEFAULT_QUANT, QUANTS, write_gguf
 
 GGUF_NAME = "model.gguf"
@@ -86,8 +87,10 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def export(run_dir, quant=DEFAULT_QUANT, which="best"):
-    """Write run_dir/weights/ for the chosen checkpoint; return the path of manifest.json."""
+def export(run_dir, quant=DEFAULT_QUANT, which="best", dataset=None):
+    """Write run_dir/weights/ for the chosen checkpoint; return the path of manifest.json. The
+    manifest carries the run's text format (finetune/text_format.py; `dataset` tells it for a run
+    trained before the run folder recorded it)."""
     if quant not in QUANTS:
         raise ExportError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     run_dir = os.path.abspath(run_dir)
@@ -143,6 +146,7 @@ def export(run_dir, quant=DEFAULT_QUANT, which="best"):
             "hparams": hparams,
             "gguf": GGUF_NAME,
             "quant": quant,
+            "text_format": text_format.read(run_dir, dataset),
             "tensors": {var: list(value.shape) for var, value in tensors.items()},
         }
         with open(os.path.join(tmp_dir, "manifest.json"), "w", encoding="utf-8") as f:
@@ -179,16 +183,18 @@ def main(argv=None):
                         help=f"weight type of the GGUF file (default {DEFAULT_QUANT})")
     parser.add_argument("--checkpoint", default="best", choices=["best", "latest"],
                         help="best: the lowest validation loss (the latest when none was measured); latest")
+    parser.add_argument("--dataset", help="the corpus the run was trained on, for a run folder without "
+                        f"{text_format.RECORD}: its <|startoftext|> markers tell the text format")
     args = parser.parse_args(argv)
     try:
-        manifest_path = export(args.run_dir, args.quant, args.checkpoint)
+        manifest_path = export(args.run_dir, args.quant, args.checkpoint, args.dataset)
     except (ExportError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     with open(manifest_path, encoding="utf-8") as f:
         manifest = json.load(f)
     print(f"exported {manifest['checkpoint']} as {manifest['quant']} to "
-          f"{os.path.join(os.path.dirname(manifest_path), manifest['gguf'])}")
+          f"{os.path.join(os.path.dirname(manifest_path), manifest['gguf'])} (texts: {manifest['text_format']})")
     return 0
 
 

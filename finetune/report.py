@@ -20,35 +20,56 @@ import time
 
 import numpy as np
 
-from finetune import UsageError, memorization
+from finetune import UsageError, memorization, text_format
 from finetune.arguments import positive_int, seed_number
 from finetune.files import atomic_write_text
 from finetune.validation import WINDOWS_FILE
 
 MIN_CHARS = 50
 WARN_CHARS = 100
+# A text that is a tenth of the corpus, copied by the model as often as it was seen, is missing from
+# all 50 samples 0.9^50 = 0.5% of the time (a quarter of the corpus: 0.75^50 = 6e-7; with 20 samples
+# a quarter hides 0.3% of the time, a tenth 12%). Rarer texts need more samples: --samples.
+SAMPLES = 50
 WARN_SHARE = 0.25  # of the samples carrying a copied span of WARN_CHARS or more
 ADVICE = ("train fewer steps (the export is already the best checkpoint by validation loss when there is one: "
           "set --early-stop), or on more text; a lower temperature does not fix it, it makes the most "
           "likely text, the memorized one, likelier")
 
 
-def generate(model, samples, length, seed):
-    """Samples as the server writes them with no prefix and its default parameters."""
+def generate(model, samples, length, seed, texts_are):
+    """Samples as the server writes them by default (its default parameters and, for a run trained
+    on <|startoftext|>-delimited texts, whole texts: started after <|startoftext|>, cut at
+    <|endoftext|>), and a description of that prompt."""
     from tqdm import tqdm
 
     from app.engine import Generation
-    from app.params import parameters
+    from app.params import parameters, prompt_for
 
-    defaults = {name: spec.default for name, spec in parameters(model.n_ctx, model.n_vocab).items()}
-    settings = {name: defaults[name] for name in ("temperature", "top_k", "top_p")}
-    length = min(length, model.n_ctx - 1)  # the prompt, <|endoftext|>, takes one position
+    table = parameters(model.n_ctx, model.n_vocab, text_format=texts_are)
+    defaults = {name: spec.default for name, spec in table.items() if name != "stream"}
+    defaults["length"] = min(length, model.n_ctx - 1)  # the prompt takes at least one position
+    prompt = prompt_for(model, {**defaults, "length": 1})
+    defaults["length"] = min(defaults["length"], model.n_ctx - len(prompt))
     texts = []
     for i in tqdm(range(samples), desc="samples", unit="sample", disable=None):
-        generation = Generation(model, [model.tokenizer.end_token], prefix="", length=length, seed=seed + i,
-                                nsamples=1, truncate=None, include_prefix=True, **settings)
+        generation = Generation(model, prompt, **{**defaults, "seed": seed + i, "nsamples": 1})
         texts.append(generation.run()["text"])
-    return texts, {**settings, "length": length}
+    settings = {**{name: defaults[name] for name in ("temperature", "top_k", "top_p", "length")},
+                "prompt_tokens": len(prompt)}
+    started = f"{defaults['prefix']} (whole texts, cut at {defaults['truncate']})" if defaults["prefix"] \
+        else "<|endoftext|> (no prefix)"
+    return texts, settings, started
+
+
+def interval(hits, n, z=1.96):
+    """Wilson's 95% interval for a share of hits in n samples (sound at 0 and n hits too)."""
+    if n == 0:
+        return None
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def heldout_loss(model, windows):
@@ -64,7 +85,7 @@ def heldout_loss(model, windows):
     return float(np.mean(losses))
 
 
-def make_report(run_dir, dataset=None, samples=20, length=200, seed=1):
+def make_report(run_dir, dataset=None, samples=SAMPLES, length=200, seed=1):
     """Write RUN/report.json and report.md; return the report."""
     run_dir = os.path.abspath(run_dir)
     if not os.path.isdir(run_dir):
@@ -82,9 +103,11 @@ def make_report(run_dir, dataset=None, samples=20, length=200, seed=1):
     except ModelError as e:
         raise ModelUnusable(str(e)) from None
     manifest = model.manifest
+    # An export made before the run recorded its text format: the corpus's markers tell.
+    texts_are = manifest.get("text_format") or text_format.read(run_dir, dataset)
 
     started = time.time()
-    texts, sampling = generate(model, samples, length, seed)
+    texts, sampling, prompt = generate(model, samples, length, seed, texts_are)
     generation_seconds = time.time() - started
     print(f"Looking for copied spans in {dataset}")
     spans, index = memorization.find_copies(texts, dataset, MIN_CHARS)
@@ -96,8 +119,9 @@ def make_report(run_dir, dataset=None, samples=20, length=200, seed=1):
     found.sort(key=lambda s: -s["chars"])
     longest = [max((len(data.encode()[a:b].decode("utf-8", "ignore")) for a, b in s), default=0)
                for data, s in zip(texts, spans)]
-    share = sum(n >= MIN_CHARS for n in longest) / len(texts)
-    share_long = sum(n >= WARN_CHARS for n in longest) / len(texts)
+    copied = sum(n >= MIN_CHARS for n in longest)
+    share, share_long = copied / len(texts), sum(n >= WARN_CHARS for n in longest) / len(texts)
+    empty = [i + 1 for i, text in enumerate(texts) if not text.strip()]
 
     perplexity = None
     windows_path = os.path.join(run_dir, WINDOWS_FILE)
@@ -111,21 +135,25 @@ def make_report(run_dir, dataset=None, samples=20, length=200, seed=1):
             "checkpoint_loss": checkpoint_loss,
             "quant": manifest.get("quant"), "windows": len(windows), "tokens": int(windows.size)}
 
-    summary = (f"{sum(n >= MIN_CHARS for n in longest)} of {len(texts)} samples ({share:.0%}) repeat "
+    low, high = interval(copied, len(texts))
+    summary = (f"{copied} of {len(texts)} samples ({share:.0%}, 95% interval {low:.0%}-{high:.0%}) repeat "
                f"{MIN_CHARS}+ characters of the training text word for word"
-               + (f"; the longest copied span is {found[0]['chars']} characters" if found else ""))
+               + (f"; the longest copied span is {found[0]['chars']} characters" if found else "")
+               + (f"; {len(empty)} sample{'s are' if len(empty) > 1 else ' is'} empty" if empty else ""))
     warning = None
     if share_long >= WARN_SHARE:
         warning = (f"the model repeats its training text: {share_long:.0%} of the samples carry a copied span "
                    f"of {WARN_CHARS}+ characters. To fix it: {ADVICE}")
     report = {
         "share_of_samples_with_copied_span": share,  # 0 to 1: samples with a span of MIN_CHARS+ characters
+        "share_interval_95": [low, high],  # Wilson's, for the share above
         "share_of_samples_with_copied_span_100": share_long,
+        "empty_samples": empty,  # their numbers (1-based): the model ended the text at once
         "summary": summary,
         "warning": warning,
         "longest_spans": found[:10],
         "heldout_perplexity": perplexity,
-        "settings": {"samples": len(texts), **sampling, "seed": seed, "prompt": "<|endoftext|> (no prefix)",
+        "settings": {"samples": len(texts), **sampling, "seed": seed, "prompt": prompt, "text_format": texts_are,
                      "min_chars": MIN_CHARS, "warn_chars": WARN_CHARS, "warn_share": WARN_SHARE,
                      "dataset": os.path.abspath(dataset), "checkpoint": manifest["checkpoint"],
                      "step": manifest.get("step"), "quant": manifest.get("quant")},
@@ -170,7 +198,10 @@ def markdown(report, texts):
         lines.append(f"- sample {span['sample']}, {span['chars']} characters: \"{quoted}\"")
     lines += ["", "## Samples", ""]
     for i, text in enumerate(texts, 1):
-        lines += [f"### {i}", "", "```", text, "```", ""]
+        if i in report["empty_samples"]:
+            lines += [f"### {i} (empty: the model ended the text at once)", ""]
+        else:
+            lines += [f"### {i}", "", "```", text, "```", ""]
     return "\n".join(lines)
 
 
@@ -198,7 +229,7 @@ def main(argv=None):
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", help="the run folder, e.g. checkpoint/run1 (exported)")
     p.add_argument("--dataset", help="the training corpus (default: the one the last report used)")
-    p.add_argument("--samples", type=positive_int, default=20, help="samples to generate")
+    p.add_argument("--samples", type=positive_int, default=SAMPLES, help="samples to generate")
     p.add_argument("--length", type=positive_int, default=200, help="tokens per sample (at most n_ctx - 1)")
     p.add_argument("--seed", type=seed_number, default=1, help="seed of the first sample (the others: +1 each)")
     try:

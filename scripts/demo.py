@@ -148,14 +148,13 @@ def demo(args):
     base = f"http://{'localhost' if local else args.host}:{args.port}"
     reach = f"http://{'127.0.0.1' if local else args.host}:{args.port}"  # what the demo itself calls
     wait_for_server(server, f"{reach}/")
-    # gpt-2-simple's idiom: start at <|startoftext|>, cut at <|endoftext|>, as the corpus is written
-    one_comment = "prefix=%3C%7Cstartoftext%7C%3E&truncate=%3C%7Cendoftext%7C%3E&include_prefix=false"
-    with urllib.request.urlopen(f"{reach}/?{one_comment}&length=80&seed=1", timeout=60) as r:
+    # The corpus is <|startoftext|>...<|endoftext|> comments: the server's defaults make one whole comment.
+    with urllib.request.urlopen(f"{reach}/?length=80&seed=1", timeout=60) as r:
         first = json.load(r)
     print(f"\nReady in {time.monotonic() - began:.0f} s. A first generated comment:\n  {first['text']}\n")
     print(f"Open {base}/ui/ for the page, or try:\n"
           f"  {base}/?length=100&temperature=0.8\n"
-          f"  {base}/?{one_comment}&length=80&temperature=0.9\n"
+          f"  {base}/?length=80&temperature=0.9&nsamples=3\n"
           f"  curl -s -X POST {base}/ -H 'Content-Type: application/json' "
           "-d '{\"length\": 80, \"temperature\": 0.9, \"prefix\": \"YTA.\"}'\n"
           f"  {base}/limits   (every parameter and its allowed range)\n"

@@ -480,3 +480,29 @@ def test_an_api_key_typed_on_the_page_is_sent_and_kept_for_the_tab_only(make_pag
         expect(other.page.locator("#key")).to_have_value("")
         assert not watched.errors and not other.errors
     assert key not in (out_dir / "server-keyed.log").read_text()
+
+
+def test_a_delimited_runs_defaults_fill_the_fields_and_answer_whole_texts(watched, site, api, limits, out_dir):
+    assert limits["text_format"] == "delimited"  # the tiny run's corpus is <|startoftext|>...<|endoftext|> lines
+    page = open_page(watched, site, api.url, limits)
+    expect(page.locator("#prefix")).to_have_value("<|startoftext|>")
+    expect(page.locator("#truncate")).to_have_value("<|endoftext|>")
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.method == "POST" else None)
+    page.fill("#seed", "4")
+    page.fill("#length", "40")
+    page.click("#generate")
+    wait_done(page)
+    page.screenshot(path=out_dir / "whole-text.png", full_page=True)
+    prefix, generated = shown(page)
+    [body] = bodies
+    direct = httpx.post(api.url + "/", json={**body, "stream": False}, timeout=30).json()
+    assert prefix == "" and "<|startoftext|>" + generated == direct["text"]
+    assert "<|" not in generated and generated.strip()
+    # cleared fields are sent as empty (none), not left to the server's defaults
+    page.fill("#prefix", "")
+    page.fill("#truncate", "")
+    page.click("#generate")
+    wait_done(page)
+    assert (bodies[-1]["prefix"], bodies[-1]["truncate"]) == ("", "")
+    assert not watched.errors
