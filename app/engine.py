@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from app.llama_engine import LlamaError, LlamaModel, Sampler
-from app.tokenizer import END_OF_TEXT, TextDecoder, Tokenizer
+from app.tokenizer import END_OF_TEXT, START_OF_TEXT, TextDecoder, Tokenizer
 
 EXPORT_COMMAND = "python -m finetune.export {}"
 MODEL_DIR = os.environ.get("MODEL_DIR", "checkpoint/run1")  # the run folder the server serves
@@ -173,14 +173,15 @@ class SampleText:
     when include_prefix is false, leading newlines stripped (unless strip_newlines is false: an
     OpenAI completion is exactly what was generated). Unlike gpt-2-simple it stops at the first
     `truncate` (a string, or a list of strings: the first of any) or "<|endoftext|>" in the generated
-    text, or when the end token is sampled."""
+    text, or when the end token is sampled; and a "<|startoftext|>" begins another text: it ends this
+    one, unless nothing but blanks came before it (the model opening the text again: dropped)."""
 
     def __init__(self, tokenizer, prefix, include_prefix, truncate, strip_newlines=True):
         self.decoder = TextDecoder(tokenizer)
         self.end_token = tokenizer.end_token
         self.head = prefix if include_prefix else ""
         self.stops = [truncate] if isinstance(truncate, str) else list(truncate or [])
-        self.markers = [m for m in (*self.stops, END_OF_TEXT) if m]
+        self.markers = [m for m in (*self.stops, END_OF_TEXT, START_OF_TEXT) if m]
         self.strip_newlines = strip_newlines
         self.generated = ""
         self.ids = []  # every sampled token id, in order
@@ -204,11 +205,14 @@ class SampleText:
         """Add decoded text; cut at the first stop marker that ends in it."""
         start = max(0, len(self.generated) - max(map(len, self.markers)) + 1)
         self.generated += text
-        hits = [(i, m) for m in self.markers if (i := self.generated.find(m, start)) >= 0]
-        if hits:
+        while hits := [(i, m) for m in self.markers if (i := self.generated.find(m, start)) >= 0]:
             i, m = min(hits, key=lambda hit: (hit[0], hit[1] not in self.stops))
+            if m == START_OF_TEXT and m not in self.stops and not self.generated[:i].strip():
+                self.generated, start = self.generated[i + len(m):], 0
+                continue
             self.generated = self.generated[:i]
             self.stop_reason = "truncate" if m in self.stops else "end_token"
+            break
 
     def text(self):
         """The text so far, holding back an ending that could still become a stop marker."""

@@ -6,6 +6,8 @@ Every rejection is a ParamError whose message names the parameter and what it ac
 import math
 import re
 
+from app.tokenizer import END_OF_TEXT, START_OF_TEXT
+
 INTEGER = re.compile(r"[+-]?\d{1,19}")
 NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 TRUE, FALSE = ("true", "1"), ("false", "0")
@@ -107,9 +109,6 @@ class Text:
 
     def limits(self):
         return {"type": self.type, "default": self.default, "max_chars": self.max_chars}
-
-
-START_OF_TEXT, END_OF_TEXT = "<|startoftext|>", "<|endoftext|>"
 
 
 def parameters(n_ctx, n_vocab, prefix_max_chars=500, max_nsamples=4, text_format="plain"):

@@ -16,6 +16,7 @@ from pathlib import Path
 from app.llama_engine import LlamaModel
 
 END_OF_TEXT = "<|endoftext|>"
+START_OF_TEXT = "<|startoftext|>"  # gpt-2-simple's marker before each text: ordinary pieces to the model
 
 
 class Tokenizer:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import SUBJECTS, TINY_MODEL_ARGS, find_free_port, run_finetune
+from conftest import SUBJECTS, find_free_port, run_finetune
 from test_server import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,8 +88,7 @@ def test_a_request_that_gives_prefix_or_truncate_gets_exactly_that(delimited, ol
         # an empty prefix and an empty truncate mean none, as before the record existed
         assert get(delimited, prefix="", truncate="", seed=seed)["text"] == get(old, seed=seed)["text"]
         own = get(delimited, prefix="my dog", seed=seed)
-        assert own["text"].startswith("my dog") and own == {**get(old, prefix="my dog", seed=seed),
-                                                            "seconds": own["seconds"]}
+        assert own["text"].startswith("my dog") and own["text"] == get(old, prefix="my dog", seed=seed)["text"]
         # a stop text of the request's own replaces <|endoftext|> as the truncate
         assert " " not in get(delimited, truncate=" ", seed=seed)["text"]
 
@@ -138,8 +137,9 @@ def test_the_export_reads_an_old_runs_format_from_its_corpus(old_run, tiny_corpu
 
 WORDS = ("apple river stone cloud green quiet table window music orange paper light garden yellow "
          "silver morning bridge candle forest winter summer ocean purple mountain letter").split()
-BOT = ("I am a bot, and this action was performed automatically. Please contact the moderators of this "
-       "subreddit if you have any questions.")  # 130 characters, as the moderator message
+BOT = ("Your comment was removed: I am a bot, and this action was performed automatically. Please contact "
+       "the moderators of this subreddit.")  # 131 characters, as the moderator message; its hash is
+# not among those validation holds out (finetune/validation.py: then all 100 copies would be held out)
 
 
 def random_texts(n, seed):
@@ -150,14 +150,18 @@ def random_texts(n, seed):
 def train(tmp_path, texts, steps):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"{START}{t}{END}\n" for t in texts), encoding="utf-8")
-    result = run_finetune(*TINY_MODEL_ARGS[:-2], "--vocab-size", "400", "--n-ctx", "128", "--steps", str(steps),
-                          "--learning-rate", "0.003", "--sample-every", "0", "--save-every", "0", "--seed", "1",
+    # the model: 2 layers, 128 wide
+    result = run_finetune("--precision", "fp32", "--from-scratch", "--n-layer", "2", "--n-embd", "128", "--n-head", "2",
+                          "--vocab-size", "400", "--n-ctx", "128", "--batch-size", "4", "--accumulate-gradients", "1",
+                          "--steps", str(steps), "--learning-rate", "0.003", "--sample-every", "0", "--save-every", "0", "--seed", "1",
                           "--dataset", corpus, "--run-name", "run1", "--checkpoint-dir", tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr
     return tmp_path / "run1", corpus, result.stdout
 
 
 def test_the_report_finds_a_text_that_is_a_quarter_of_the_corpus(tmp_path):
+    from finetune.validation import DEFAULT_FRACTION, held_out, text_hash
+    assert not held_out(text_hash(BOT), DEFAULT_FRACTION)
     texts = random_texts(300, seed=1) + [BOT] * 100
     random.Random(2).shuffle(texts)
     run, corpus, printed = train(tmp_path, texts, steps=600)
