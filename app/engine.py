@@ -215,11 +215,13 @@ class SampleText:
             break
 
     def text(self):
-        """The text so far, holding back an ending that could still become a stop marker."""
+        """The text so far, holding back an ending that could still become a stop marker, and blanks
+        alone (a <|startoftext|> after them would drop them)."""
         g = self.generated
         if self.stop_reason is None:
             hold = max((k for m in self.markers for k in range(1, len(m)) if g.endswith(m[:k])), default=0)
             g = g[:len(g) - hold]
+            g = g if g.strip() else ""
         text = self.head + g
         return text.lstrip("\n") if self.strip_newlines else text
 

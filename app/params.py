@@ -236,7 +236,9 @@ def prompt_for(model, values, texts=1):
         raise ParamError(f"prefix is {len(prompt)} tokens; prefix and length together can be at most {budget}",
                          "prefix")
     if values["length"] > room:
-        raise ParamError(f"length must be at most {room} with this prefix ({len(prompt)} tokens): prefix and "
+        which = f"the default prefix {prefix} ({len(prompt)} tokens; prefix= for none)" \
+            if prefix == START_OF_TEXT else f"this prefix ({len(prompt)} tokens)"
+        raise ParamError(f"length must be at most {room} with {which}: prefix and "
                          f"length together can be at most {budget}", "length")
     return prompt
 

@@ -210,7 +210,9 @@ def test_seed_temperature_top_k_top_p(server):
 def test_prefix_truncate_include_prefix(server):
     base = {"prefix": "<|startoftext|>my dog", "length": 60, "top_k": 1}
     ended = httpx.post(server.url + "/", json=base, timeout=30).json()
-    assert ended["stop_reason"] == "end_token"  # the trained model ends its texts: stopped early
+    # the trained model ends its texts: stopped early, at its run's default truncate (<|endoftext|>: the
+    # run is trained on delimited texts, tests/test_whole_texts.py)
+    assert ended["stop_reason"] == "truncate"
     assert ended["tokens"] < 60 and "<|endoftext|>" not in ended["text"]
     assert ended["text"].startswith("<|startoftext|>my dog")
 
@@ -234,8 +236,10 @@ def test_length_and_prefix_must_fit_the_context(server):
     r = httpx.get(server.url + "/", params={"length": 1023, "prefix": "my dog"}, timeout=30)
     assert r.status_code == 400 and r.json()["parameter"] == "length"
     assert "1024" in r.json()["error"] and "at most 10" in r.json()["error"]
-    r = httpx.get(server.url + "/", params={"length": 1023, "top_k": 1, "temperature": 2}, timeout=60)
+    r = httpx.get(server.url + "/", params={"length": 1023, "top_k": 1, "temperature": 2, "prefix": ""}, timeout=60)
     assert r.status_code == 200  # the longest possible answer without a prefix
+    r = httpx.get(server.url + "/", params={"length": 1023}, timeout=30)  # the run's default prefix takes room
+    assert r.status_code == 400 and "with the default prefix <|startoftext|> (" in r.json()["error"]
 
 
 def test_head_limits_and_page(server):
@@ -264,7 +268,7 @@ def test_streaming_sse(server):
         name, done = events[-1]
         assert name == "done" and len(pieces) >= 2
         assert "".join(pieces) == done["text"]
-        assert done["tokens"] >= 1 and done["stop_reason"] in ("length", "end_token") and "seconds" in done
+        assert done["tokens"] >= 1 and done["stop_reason"] in ("length", "end_token", "truncate") and "seconds" in done
         plain = httpx.post(server.url + "/", json={"length": 30, "prefix": "<|startoftext|>", "seed": 9},
                            timeout=30).json()
         assert plain["text"] == done["text"]
