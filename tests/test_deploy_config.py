@@ -5,6 +5,7 @@ container test runs it in the built image as the build does)."""
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -242,6 +243,26 @@ def test_a_memory_below_the_measured_need_stops_naming_it(tmp_path):
 @pytest.mark.parametrize("requested", ["", "lots", "2 Gi", "2gi", "-1Gi", "1.5Gi", "２Gi"])
 def test_a_memory_that_is_no_size_stops(tmp_path, requested):
     one_line_error(memory(export(tmp_path, "124M", 137), requested), f"_MEMORY={requested} ")
+
+
+def test_the_memory_table_is_the_measured_one():
+    # scripts/cloud_run_memory.py's rows are the figures of the benchmark run docs/benchmarks.md cites.
+    measured = runpy.run_path(str(ROOT / "scripts" / "cloud_run_memory.py"))["MEASURED"]
+    results = (ROOT / "bench" / "results" / "2026-11-23-gguf.md").read_text()
+    for shape, n_layer, n_embd, n_vocab, n_ctx, gguf_mb, peak_mb, setting in measured:
+        size, weights = shape.removeprefix("GPT-2 ").split()
+        assert (n_layer, n_embd, n_vocab, n_ctx) == (*GPT2[size], 50257, 1024)  # the benchmark's models
+        if size == "124M":  # | weights | GGUF (MB) | threads | 3 speeds | ours peak RSS (MB) | ...
+            row = rf"^\| {weights} \| {gguf_mb} \| 1 \|(?: [^|]+ \|){{3}} {peak_mb} \|"
+        else:  # | shape | weights | GGUF (MB) | tokens/s | peak RSS (MB) | Cloud Run --memory |
+            row = rf"^\| {size} \| {weights} \| {gguf_mb} \| [^|]+ \| {peak_mb} \| {setting} \|"
+        assert re.search(row, results, re.M), shape
+        assert size_in_bytes(setting) >= 1.25 * peak_mb * 1e6  # 25% above the peak
+
+
+def size_in_bytes(setting):
+    number, unit = re.fullmatch(r"(\d+)(Mi|Gi)", setting).groups()
+    return int(number) * {"Mi": 2**20, "Gi": 2**30}[unit]
 
 
 def test_no_export_stops(tmp_path):
