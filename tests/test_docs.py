@@ -162,3 +162,29 @@ def test_make_setup_gpu_needs_python_311(which):
     assert result.stderr.startswith("make setup-gpu needs Python 3.11"), result.stderr
     assert python in result.stderr.splitlines()[0]
     assert not (ROOT / ".venv-gpu").exists()
+
+
+def test_the_native_apis_parameter_table_is_the_servers():
+    """docs/serving.md's table of `/`'s parameters: the names in app/params.py's order, their defaults
+    and their ranges (with GPT-2's n_ctx and n_vocab put in for the names)."""
+    from app.params import parameters
+
+    n_ctx, n_vocab = 1024, 50257
+    table = parameters(n_ctx, n_vocab)
+    section = (ROOT / "docs" / "serving.md").read_text().split("## The native API")[1].split("\n\n")[0]
+    rows = re.findall(r"^\| `(\w+)` \| ([^|]+) \| ([^|]+) \|", section, re.M)
+    assert [name for name, _, _ in rows] == list(table)
+    words = {"true": True, "false": False, "none": None, "random": None, '""': ""}
+    for name, default, allowed in rows:
+        limits = table[name].limits()
+        first = default.split()[0]
+        if first in words:
+            assert (words[first], type(words[first])) == (limits["default"], type(limits["default"])), name
+        else:
+            assert float(first) == limits["default"], name
+        bounds = re.match(r"([\d.]+) to ([\w.−-]+)", allowed.strip())
+        if bounds:
+            top = bounds.group(2).replace("n_ctx−1", str(n_ctx - 1)).replace("n_vocab", str(n_vocab))
+            assert (float(bounds.group(1)), float(top)) == (limits["min"], limits["max"]), name
+        elif chars := re.match(r"≤ (\d+) characters", allowed.strip()):
+            assert int(chars.group(1)) == limits["max_chars"], name
