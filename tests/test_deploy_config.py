@@ -3,7 +3,6 @@ config, its `gcloud run deploy` carries the flags Cloud Run needs for this serve
 deploys with comes from scripts/cloud_run_memory.py (run here on exports of each measured size; the
 container test runs it in the built image as the build does)."""
 import json
-import os
 import re
 import runpy
 import shlex
