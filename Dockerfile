@@ -40,16 +40,21 @@ RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     && pip install --no-cache-dir --find-links /wheels --only-binary llama-cpp-python -r export-requirements.txt
 COPY finetune/ finetune/
 COPY checkpoint/run1/ checkpoint/run1/
-# Gather what the server reads: the export, the tokenizer files, hparams, and the `checkpoint` file with
-# the latest .index (small; the server checks the export against them to refuse a stale one). The big
-# model-N.data file stays behind in this stage. Readable by all: the export's folder is made private.
+# Gather what the server reads: the export, the tokenizer files, hparams, the exported checkpoint's
+# .index, and the `checkpoint` and best.json files (small; the server checks the export against them to
+# refuse a stale one: an export of the best step, not the latest, is served only beside the best.json
+# naming it), and corpus.json (the run's text format) when the run has them. The big model-N.data
+# files stay behind in this stage. Readable by all: the export's folder is made private.
 # The weight type: docker build --build-arg QUANT=Q4_K_M (F32, F16, Q8_0, Q5_K_M, Q4_K_M; README).
 ARG QUANT=Q8_0
 RUN python -m finetune.export checkpoint/run1 --quant "$QUANT" \
-    && latest="$(python -c 'import json; print(json.load(open("checkpoint/run1/weights/manifest.json"))["checkpoint"])')" \
+    && exported="$(python -c 'import json; print(json.load(open("checkpoint/run1/weights/manifest.json"))["checkpoint"])')" \
     && mkdir /model \
     && cp -r checkpoint/run1/weights checkpoint/run1/checkpoint checkpoint/run1/hparams.json \
-       checkpoint/run1/encoder.json checkpoint/run1/vocab.bpe "checkpoint/run1/${latest}.index" /model/ \
+       checkpoint/run1/encoder.json checkpoint/run1/vocab.bpe "checkpoint/run1/${exported}.index" /model/ \
+    && for optional in best.json corpus.json; do \
+           if [ -f "checkpoint/run1/$optional" ]; then cp "checkpoint/run1/$optional" /model/; fi; \
+       done \
     && chmod -R a+rX /model
 
 # ---- runtime: what Cloud Run starts

@@ -61,10 +61,15 @@ $(VENV)/.installed: $(DEMO_REQUIREMENTS) requirements-dev.txt
 
 # Fine-tuning on an NVIDIA GPU: its own .venv-gpu (TensorFlow 2.15 with CUDA 12.2 wheels, NumPy < 2;
 # see requirements-gpu.txt), then .venv-gpu/bin/python -m finetune ... The normal setup stays CPU-only.
+# TensorFlow 2.15 has wheels for Python 3.9-3.11 only: GPU_PYTHON is a Python 3.11, checked first.
+GPU_PYTHON ?= python3.11
 setup-gpu: .venv-gpu/.installed
 
 .venv-gpu/.installed: requirements-gpu.txt requirements-gpt2simple.txt
-	test -x .venv-gpu/bin/python || $(PYTHON) -m venv .venv-gpu
+	@$(GPU_PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || { echo \
+		"make setup-gpu needs Python 3.11 (TensorFlow 2.15): '$(GPU_PYTHON)' is not; install it or give GPU_PYTHON=/path/to/python3.11" >&2; \
+		exit 1; }
+	test -x .venv-gpu/bin/python || $(GPU_PYTHON) -m venv .venv-gpu
 	.venv-gpu/bin/python -m pip install -q --upgrade pip
 	.venv-gpu/bin/python -m pip install -q -r requirements-gpu.txt
 	.venv-gpu/bin/python -m pip install -q --no-deps -r requirements-gpt2simple.txt

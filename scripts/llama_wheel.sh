@@ -1,6 +1,6 @@
 #!/bin/sh
 # The llama-cpp-python wheel pinned in requirements.txt, in folder $1: reused if one that fits this
-# machine is already there (pip decides), else compiled from PyPI's sdist (5-10 minutes on 2 cores).
+# machine is already there (pip decides), else compiled from PyPI's sdist (12 minutes on a 2-core AMD EPYC, 2026-12-05).
 # `make setup` keeps it in wheels/; the Dockerfile's `wheels` stage runs this too and is handed that
 # folder, so a machine that built the wheel once never compiles it again.
 #
@@ -26,7 +26,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" = "$cmake_args" ] \
     exit 0
 fi
 [ "${2:-}" != --check ] || exit 1
-echo "Compiling llama-cpp-python $version (llama.cpp, CPU: x86-64-v3); 5-10 minutes, once"
+echo "Compiling llama-cpp-python $version (llama.cpp, CPU: x86-64-v3); once (12 minutes on 2 cores)"
 rm -f "$stamp"
 CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
     $pip wheel --no-deps --no-binary llama-cpp-python -w "$dest" "llama-cpp-python==$version"

@@ -5,9 +5,12 @@ No Docker daemon and no registry are reachable here, so the test
   in a cache folder, $GPT2_RUN_CONTAINER_CACHE or ~/.cache/gpt2-run-tests, so the next run reuses the
   base image and every unchanged layer: the TensorFlow and package installs are not redone);
 - builds a stand-in for python:3.11-slim with tests/base_image.sh (debootstrap; ~1 minute, once);
-- builds the image with the tiny_run model in checkpoint/run1 of a copy of the checkout, plus files a
-  real checkout may hold that must stay out of the image (corpus, other runs, samples, .venv);
-- runs it as Cloud Run would (--memory 2g, --cpus 1, PORT other than 8080) and talks to it over HTTP.
+- builds the image with the tiny_run model in checkpoint/run1 of a copy of the checkout, made a run whose
+  best step is not its latest (best.json names model-50, `checkpoint` model-100, as training leaves an
+  overfit run), with its corpus.json, plus files a real checkout may hold that must stay out of the image
+  (corpus, other runs, samples, .venv);
+- runs it as Cloud Run would (--memory 2g, --cpus 1, PORT other than 8080) and talks to it over HTTP;
+- runs cloudbuild.yaml's memory step on it as Cloud Build would (docker being podman here).
 The first run on a fresh machine takes ~3 minutes (debootstrap, TensorFlow download and install).
 """
 import hashlib
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from conftest import find_free_port
 
@@ -33,6 +37,8 @@ BASE_IMAGE = "docker.io/library/python:3.11-slim"  # the Dockerfile's FROM; here
 IMAGE = "localhost/gpt2-run-test:latest"  # kept between runs, as is EXPORT_STAGE: they hold the layer cache
 EXPORT_STAGE = "localhost/gpt2-run-test:export"
 CONTAINER_PORT = 8123  # not Cloud Run's 8080: the server must really follow $PORT
+BEST, LATEST = "model-50", "model-100"  # the run in the image: its best step is not its latest
+CORPUS_RECORD = {"text_format": "delimited", "dataset": "corpus.txt", "source": None}
 STANDIN_KEY_LABEL = "gpt2-run.standin-key"
 
 # Things a real checkout may hold that must not reach the image (path -> content).
@@ -142,11 +148,24 @@ def checkout_files():
     return [p for p in listed.split("\0") if p and (ROOT / p).is_file()]
 
 
+def make_best_not_latest(run):
+    """The run as training leaves one that overfit: the best step's checkpoint (model-50) kept beside
+    the latest (model-100), best.json naming it (finetune/train.py's keep_best), and corpus.json. The
+    best's files are the latest's under its name (a bundle's .index does not name its files): which one
+    the image serves shows in the name it reports, not in the text."""
+    assert (run / "checkpoint").read_text().splitlines()[0] == f'model_checkpoint_path: "{LATEST}"'
+    for path in run.glob(f"{LATEST}.*"):
+        shutil.copy2(path, run / path.name.replace(LATEST, BEST))
+    (run / "best.json").write_text(json.dumps({"checkpoint": BEST, "step": 50, "val_loss": 2.5}) + "\n")
+    if not (run / "corpus.json").exists():  # training writes it once branch `resume` is in
+        (run / "corpus.json").write_text(json.dumps(CORPUS_RECORD) + "\n")
+
+
 @pytest.fixture(scope="module")
 def context(tmp_path_factory, tiny_run):
     """A build context as a user's checkout would be: the project, the llama-cpp-python wheel that
-    `make setup` built (so the image build does not compile it again), a run in checkpoint/run1 (with
-    a local export in weights/), and the decoys."""
+    `make setup` built (so the image build does not compile it again), a run in checkpoint/run1 whose
+    best step is not its latest (with a local export in weights/), and the decoys."""
     ctx = tmp_path_factory.mktemp("context")
     for rel in checkout_files():
         (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +173,7 @@ def context(tmp_path_factory, tiny_run):
     for wheel in (ROOT / "wheels").glob("llama_cpp_python-*"):  # the wheel and its build-flags stamp
         shutil.copy2(wheel, ctx / "wheels" / wheel.name)
     shutil.copytree(tiny_run, ctx / "checkpoint" / "run1")
+    make_best_not_latest(ctx / "checkpoint" / "run1")
     for rel, text in DECOYS.items():
         (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
         (ctx / rel).write_text(text)
@@ -316,11 +336,25 @@ def test_image_holds_no_tensorflow(podman, image):
     assert spec == "None"
 
 
+def test_serves_the_best_step_not_the_latest(container):
+    # The build exported model-50, and the server, given the best.json naming it, started on it.
+    _, url = container
+    limits = httpx.get(url + "/limits", timeout=10).json()
+    assert (limits["checkpoint"], limits["step"], limits["val_loss"]) == (BEST, 50, 2.5)
+    assert httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["checkpoint"] == BEST
+
+
 def test_image_holds_the_exported_model_only(podman, image, tiny_run):
     model = {Path(p).name for p in image_files(podman, image, "/srv/checkpoint/run1", "-mindepth", "1",
                                                 "-maxdepth", "1")}
-    latest = json.loads((tiny_run / "weights" / "manifest.json").read_text())["checkpoint"]
-    assert model == {"weights", "checkpoint", "hparams.json", "encoder.json", "vocab.bpe", f"{latest}.index"}
+    # What the server reads: the export, the files it checks the export against (`checkpoint` names
+    # model-100, best.json model-50, whose .index the export's sha256 is of), the tokenizer files, and
+    # the run's text-format record.
+    assert model == {"weights", "checkpoint", "best.json", "corpus.json", "hparams.json", "encoder.json",
+                     "vocab.bpe", f"{BEST}.index"}
+    manifest = json.loads(podman("run", "--rm", "--entrypoint", "cat", image,
+                                 "/srv/checkpoint/run1/weights/manifest.json").stdout)
+    assert (manifest["checkpoint"], manifest["step"]) == (BEST, 50)
     assert image_files(podman, image, "/", "-xdev", "-name", "*.data-0*") == []  # the TF checkpoint stays out
     weights = {Path(p).name for p in image_files(podman, image, "/srv/checkpoint/run1/weights", "-type", "f")}
     assert weights == {p.name for p in (tiny_run / "weights").iterdir()}
@@ -358,12 +392,52 @@ def test_dockerignore_keeps_the_context_small(podman, base_image, context, tmp_p
     assert [p for p in sent if p.startswith("scripts/")] == ["scripts/llama_wheel.sh"]
 
 
+def test_memory_step_of_cloud_build_reads_the_image(podman, image, tmp_path):
+    """cloudbuild.yaml's memory step, its script as written, with `docker` being podman: it picks Cloud
+    Run's memory from the export in the image (the tiny model: 512Mi) into memory.txt, or stops."""
+    config = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    steps = {s["id"]: s for s in config["steps"]}
+    tags = {"PROJECT_ID": "test-project", "BUILD_ID": "test-build"}
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text('#!/bin/sh\nexec podman "$@"\n')
+    (bin_dir / "docker").chmod(0o755)
+
+    def memory_step(memory):
+        subs = {**config["substitutions"], "_MEMORY": memory}
+        text = re.sub(r"\$\{(_[A-Z0-9_]+)\}", lambda m: subs[m.group(1)], steps["memory"]["args"][-1])
+        text = re.sub(r"\$([A-Z_]+)", lambda m: tags[m.group(1)], text.replace("$$", "\0")).replace("\0", "$")
+        workspace = tmp_path / f"workspace-{memory}"  # Cloud Build's /workspace: the checkout
+        shutil.copytree(ROOT / "scripts", workspace / "scripts")
+        result = subprocess.run(["bash", *steps["memory"]["args"][:-1], text], cwd=workspace,
+                                env={**podman.env, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                                capture_output=True, text=True, timeout=120)
+        return result, workspace / "memory.txt"
+
+    built = "{_REGION}-docker.pkg.dev/{PROJECT_ID}/{_REPOSITORY}/{_SERVICE}:{BUILD_ID}".format(
+        **config["substitutions"], **tags)
+    podman("tag", image, built)
+    try:
+        result, written = memory_step("auto")
+        assert result.returncode == 0, result.stderr
+        assert written.read_text() == "512Mi\n"
+        assert "Cloud Run memory: 512Mi" in result.stdout
+        result, _ = memory_step("lots")  # a typo stops the build before the push, in one line
+        assert result.returncode == 1
+        assert result.stderr.startswith("error: _MEMORY=lots is not") and result.stderr.count("\n") == 1
+    finally:
+        podman("untag", image, built, check=False)
+
+
 def test_new_checkpoint_keeps_the_package_layers(podman, image, context, tmp_path):
     # The run folder changes, as a new checkpoint changes it: only the export and the layers after it
-    # are rebuilt, never the TensorFlow or serving package installs.
+    # are rebuilt, never the TensorFlow or serving package installs. The new run has no best.json and
+    # no corpus.json, as a run from a gpt-2-simple notebook: the image is built without them, and starts.
     changed = tmp_path / "context"
     shutil.copytree(context, changed)
     (changed / "checkpoint" / "run1" / "counter").write_text(f"{time.time_ns()}\n")
+    for name in ("best.json", "corpus.json", f"{BEST}.index", f"{BEST}.data-00000-of-00001", f"{BEST}.meta"):
+        (changed / "checkpoint" / "run1" / name).unlink(missing_ok=True)
     tag = "localhost/gpt2-run-test:new-checkpoint"
     log, seconds = build(podman, changed, tag, "build-new-checkpoint.log")
     try:
@@ -373,6 +447,9 @@ def test_new_checkpoint_keeps_the_package_layers(podman, image, context, tmp_pat
         export = [cached for _, step, cached in steps if "finetune.export" in step]
         assert export == [False], steps  # the checkpoint changed: it was exported again
         report(rebuild_after_new_checkpoint_seconds=round(seconds, 1))
+        started = podman("run", "--rm", "--entrypoint", "python", tag, "-c",
+                         "from app.engine import GPT2, MODEL_DIR; print(GPT2(MODEL_DIR).served()['checkpoint'])")
+        assert started.stdout.splitlines()[-1] == LATEST
     finally:
         # This one-off checkpoint's layers would only fill the cache.
         podman("rmi", tag, check=False)

@@ -1,6 +1,11 @@
 """The deployment's configuration: the Dockerfile lints clean, cloudbuild.yaml is a valid Cloud Build
-config, and its `gcloud run deploy` carries the flags Cloud Run needs for this server."""
+config, its `gcloud run deploy` carries the flags Cloud Run needs for this server, and the memory it
+deploys with comes from scripts/cloud_run_memory.py (run here on exports of each measured size; the
+container test runs it in the built image as the build does)."""
+import json
 import re
+import runpy
+import shlex
 import shutil
 import subprocess
 import sys
@@ -81,13 +86,19 @@ def step(config, step_id):
     return steps[step_id]
 
 
+def bash_script(config, step_id, substitutions=None):
+    """A bash step's script as bash runs it: substitutions filled in, Cloud Build's $$ made $."""
+    found = step(config, step_id)
+    assert found["entrypoint"] == "bash" and found["args"][0] == "-euc"
+    return substitute(found["args"][-1], substitutions or config["substitutions"]).replace("$$", "$")
+
+
 def deploy_flags(config):
     """The deploy step's --flag=value arguments with the default substitutions, and the rest."""
-    deploy = step(config, "deploy")
-    assert deploy["entrypoint"] == "gcloud" and deploy["args"][:2] == ["run", "deploy"]
-    subs = config["substitutions"]
+    words = shlex.split(bash_script(config, "deploy").replace("\\\n", " "))
+    assert words[:3] == ["gcloud", "run", "deploy"]
     flags, positional = {}, []
-    for arg in (substitute(a, subs) for a in deploy["args"][2:]):
+    for arg in words[3:]:
         if arg.startswith("--"):
             name, _, value = arg.partition("=")
             flags[name] = value
@@ -113,7 +124,8 @@ def test_deploy_flags(config):
     assert "--allow-unauthenticated" in flags  # a public URL by default (the _AUTH substitution)
     assert flags["--concurrency"] == "1"  # the server generates one text at a time
     assert flags["--cpu"] == "1"
-    assert flags["--memory"] == "512Mi"  # 124M Q8_0 peaks under 300 MB (bench/results)
+    assert flags["--memory"] == "$(cat memory.txt)"  # what the memory step picked
+    assert flags["--port"] == "8080"
     assert "--cpu-boost" in flags  # startup CPU boost: shorter cold starts
     assert flags["--min-instances"] == "0"  # scales to zero: nothing to pay at rest
     assert 1 <= int(flags["--max-instances"]) <= 5  # a small cap on spending by default
@@ -122,21 +134,24 @@ def test_deploy_flags(config):
 
 
 def test_deploy_settings_are_substitutions(config):
-    deploy_args = step(config, "deploy")["args"]
-    for flag, name in [("--memory", "_MEMORY"), ("--max-instances", "_MAX_INSTANCES"),
-                       ("--timeout", "_TIMEOUT"), ("--region", "_REGION")]:
-        assert f"{flag}=${{{name}}}" in deploy_args
-    assert "${_SERVICE}" in deploy_args and "${_AUTH}" in deploy_args
+    deploy = step(config, "deploy")["args"][-1]
+    for flag, name in [("--max-instances", "_MAX_INSTANCES"), ("--timeout", "_TIMEOUT"), ("--region", "_REGION")]:
+        assert f"{flag}=${{{name}}}" in deploy
+    assert "${_SERVICE}" in deploy and "${_AUTH}" in deploy
+    assert config["substitutions"]["_MEMORY"] == "auto"
+    memory = step(config, "memory")["args"][-1]
+    assert '"${_MEMORY}" < scripts/cloud_run_memory.py > memory.txt' in memory
 
 
 def test_image_built_pushed_then_deployed(config):
     ids = [s.get("id") for s in config["steps"]]
-    assert ids == ["fetch-run", "build", "push", "deploy"]
+    assert ids == ["fetch-run", "build", "memory", "push", "deploy"]  # a model too big stops it before the push
     image = "${_REGION}-docker.pkg.dev/$PROJECT_ID/${_REPOSITORY}/${_SERVICE}:$BUILD_ID"
     assert image.startswith("${_REGION}-docker.pkg.dev/")  # Artifact Registry, not Container Registry
     assert step(config, "build")["args"] == ["build", f"--tag={image}", "."]
     assert step(config, "push")["args"] == ["push", image]
-    assert f"--image={image}" in step(config, "deploy")["args"]
+    assert f"--image={image}" in step(config, "deploy")["args"][-1]
+    assert f"--entrypoint python {image}" in step(config, "memory")["args"][-1]  # the image's own export
     assert config["images"] == [image]
 
 
@@ -145,10 +160,115 @@ def test_fetch_copies_the_run_from_cloud_storage(config):
     script = fetch["args"][-1]
     assert "gcloud storage cp" in script and "gs://${_BUCKET}/${_RUN}/" in script
     assert "checkpoint/run1/" in script
-    for name in ("checkpoint", "hparams.json", "encoder.json", "vocab.bpe", "model-*"):
+    # *.json: hparams.json and encoder.json, and best.json and corpus.json when training wrote them.
+    for name in ("checkpoint", "*.json", "vocab.bpe", "model-*"):
         assert f"gs://${{_BUCKET}}/${{_RUN}}/{name}\"" in script
     assert config["substitutions"]["_BUCKET"] == ""  # must be given; the step says so when it is not
     assert 'test -n "${_BUCKET}"' in script
+
+
+def test_memory_and_deploy_steps_share_the_file(config):
+    # The memory step writes memory.txt in the workspace, which every step shares; deploy reads it.
+    memory = bash_script(config, "memory")
+    assert memory.splitlines()[-2].endswith("> memory.txt")
+    assert memory.count("scripts/cloud_run_memory.py") == 1
+    assert "$(cat memory.txt)" in bash_script(config, "deploy")
+
+
+# GPT-2's shapes: n_layer, n_embd (n_vocab 50257, n_ctx 1024)
+GPT2 = {"124M": (12, 768), "355M": (24, 1024), "774M": (36, 1280), "1558M": (48, 1600)}
+
+
+def export(run_dir, shape, gguf_mb, n_vocab=50257, n_ctx=1024):
+    """A run folder's weights/ as finetune.export writes it, its GGUF file sparse (it takes no disk)."""
+    n_layer, n_embd = GPT2[shape] if isinstance(shape, str) else shape
+    weights = run_dir / "weights"
+    weights.mkdir(parents=True)
+    hparams = {"n_vocab": n_vocab, "n_ctx": n_ctx, "n_embd": n_embd, "n_head": 2, "n_layer": n_layer}
+    (weights / "manifest.json").write_text(json.dumps({"checkpoint": "model-1", "hparams": hparams,
+                                                       "gguf": "model.gguf"}))
+    with open(weights / "model.gguf", "wb") as f:
+        f.truncate(int(gguf_mb * 1e6))
+    return run_dir
+
+
+def memory(run_dir, *requested):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "cloud_run_memory.py"), str(run_dir), *requested],
+                            capture_output=True, text=True, timeout=60)
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("shape, gguf_mb, expected", [
+    ((2, 64), 1, "512Mi"),  # the tests' tiny model, at any weight type
+    ("124M", 137, "512Mi"),  # Q8_0: peaks at 242 MB, 281 MB with the largest requests
+    ("124M", 251, "512Mi"),  # F16: 350 MB
+    ("124M", 500, "2Gi"),  # F32: never measured; the 774M Q8_0 row is the first with a file this big
+    ("355M", 242, "1Gi"),  # Q4_K_M: 471 MB
+    ("355M", 380, "1Gi"),  # Q8_0: 490 MB
+    ("774M", 514, "2Gi"),  # Q4_K_M: 905 MB
+    ("774M", 826, "2Gi"),  # Q8_0: 938 MB
+])
+def test_memory_is_picked_from_the_measured_peaks(tmp_path, shape, gguf_mb, expected):
+    assert memory(export(tmp_path, shape, gguf_mb)) == (0, expected + "\n", "")
+    assert memory(tmp_path, "auto") == (0, expected + "\n", "")
+
+
+def test_a_bigger_context_or_vocabulary_is_not_covered_by_a_smaller_shape(tmp_path):
+    assert memory(export(tmp_path / "ctx", (2, 64), 1, n_ctx=2048))[0] == 1
+    assert memory(export(tmp_path / "vocab", (2, 64), 1, n_vocab=60000))[0] == 1
+
+
+def one_line_error(result, *words):
+    code, out, err = result
+    assert code == 1 and out == "" and err.startswith("error: ") and err.count("\n") == 1, result
+    for word in words:
+        assert word in err, err
+
+
+def test_an_unmeasured_size_stops_naming_memory(tmp_path):
+    run = export(tmp_path, "1558M", 1700)
+    one_line_error(memory(run), "_MEMORY=", "docs/benchmarks.md")
+    assert memory(run, "4Gi") == (0, "4Gi\n", "")  # the builder's own figure, beyond the measurements
+
+
+def test_a_memory_below_the_measured_need_stops_naming_it(tmp_path):
+    run = export(tmp_path, "774M", 826)
+    one_line_error(memory(run, "512Mi"), "_MEMORY=2Gi", "938 MB")
+    one_line_error(memory(run, "2000M"), "_MEMORY=2Gi")  # 2 GB is less than 2 GiB
+    assert memory(run, "2Gi") == (0, "2Gi\n", "")
+    assert memory(run, "4096Mi") == (0, "4096Mi\n", "")
+
+
+@pytest.mark.parametrize("requested", ["", "lots", "2 Gi", "2gi", "-1Gi", "1.5Gi", "２Gi"])
+def test_a_memory_that_is_no_size_stops(tmp_path, requested):
+    one_line_error(memory(export(tmp_path, "124M", 137), requested), f"_MEMORY={requested} ")
+
+
+def test_the_memory_table_is_the_measured_one():
+    # scripts/cloud_run_memory.py's rows are the figures of the benchmark run docs/benchmarks.md cites.
+    measured = runpy.run_path(str(ROOT / "scripts" / "cloud_run_memory.py"))["MEASURED"]
+    results = (ROOT / "bench" / "results" / "2026-11-23-gguf.md").read_text()
+    for shape, n_layer, n_embd, n_vocab, n_ctx, gguf_mb, peak_mb, setting in measured:
+        size, weights = shape.removeprefix("GPT-2 ").split()
+        assert (n_layer, n_embd, n_vocab, n_ctx) == (*GPT2[size], 50257, 1024)  # the benchmark's models
+        if size == "124M":  # | weights | GGUF (MB) | threads | 3 speeds | ours peak RSS (MB) | ...
+            row = rf"^\| {weights} \| {gguf_mb} \| 1 \|(?: [^|]+ \|){{3}} {peak_mb} \|"
+        else:  # | shape | weights | GGUF (MB) | tokens/s | peak RSS (MB) | Cloud Run --memory |
+            row = rf"^\| {size} \| {weights} \| {gguf_mb} \| [^|]+ \| {peak_mb} \| {setting} \|"
+        assert re.search(row, results, re.M), shape
+        assert size_in_bytes(setting) >= 1.25 * peak_mb * 1e6  # 25% above the peak
+
+
+def size_in_bytes(setting):
+    number, unit = re.fullmatch(r"(\d+)(Mi|Gi)", setting).groups()
+    return int(number) * {"Mi": 2**20, "Gi": 2**30}[unit]
+
+
+def test_no_export_stops(tmp_path):
+    one_line_error(memory(tmp_path), "python -m finetune.export")
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "manifest.json").write_text('{"hparams": {"n_layer": 1}}')
+    one_line_error(memory(tmp_path), "python -m finetune.export")
 
 
 def llama_wheel_check(folder):
