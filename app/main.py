@@ -79,8 +79,8 @@ async def lifespan(app):
     app.state.openai_table = openai_api.parameters(app.state.table)
     app.state.gate = Gate(QUEUE_SIZE)  # `python -m app` drains it on SIGTERM
     log(logging.INFO, f"serving {model.run_dir} ({model.manifest['checkpoint']})", n_layer=model.n_layer,
-        n_embd=model.n_embd, n_ctx=model.n_ctx, n_vocab=model.n_vocab, text_format=model.text_format, allowed_origins=ALLOWED_ORIGINS,
-        api_keys=len(API_KEYS), metrics=METRICS, trace_project=TRACE_PROJECT)
+        n_embd=model.n_embd, n_ctx=model.n_ctx, n_vocab=model.n_vocab, text_format=model.text_format,
+        allowed_origins=ALLOWED_ORIGINS, api_keys=len(API_KEYS), metrics=METRICS, trace_project=TRACE_PROJECT)
     yield
     log(logging.INFO, "shut down")
 

@@ -97,8 +97,8 @@ def engine_arguments(values, table):
     greedy = values["temperature"] < table["temperature"].low or values["top_p"] == 0
     # OpenAI: with no prompt "the model will generate as if from the beginning of a new document": for
     # a run trained on <|startoftext|>-delimited texts, the native API's default start does that.
-    return {"prefix": values["prompt"] or table["prefix"].default, "length": values["max_tokens"], "nsamples": values["n"],
-            "seed": values["seed"], "temperature": 1.0 if greedy else values["temperature"],
+    return {"prefix": values["prompt"] or table["prefix"].default, "length": values["max_tokens"],
+            "nsamples": values["n"], "seed": values["seed"], "temperature": 1.0 if greedy else values["temperature"],
             "top_k": 1 if greedy else 0, "top_p": 0.0 if greedy or values["top_p"] == 1 else values["top_p"],
             "truncate": values["stop"],  # the engine stops each choice at its first stop string
             "include_prefix": False,  # echo adds the prompt here, exactly as given
