@@ -6,8 +6,9 @@ Every rejection is a ParamError whose message names the parameter and what it ac
 import math
 import re
 
-INTEGER = re.compile(r"[+-]?\d{1,19}")
-NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+# ASCII digits only: \d (and int(), float()) would take a fullwidth "５" or an Arabic-Indic "٥" as 5.
+INTEGER = re.compile(r"[+-]?[0-9]{1,19}")
+NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 TRUE, FALSE = ("true", "1"), ("false", "0")
 
 
