@@ -13,15 +13,34 @@ The model loads in a thread while the web stack is imported: llama.cpp reads the
 holding the GIL, so with more than one CPU (the deploy's --cpu-boost gives an instance more while it
 starts) the two overlap (docs/benchmarks-llama-server.md).
 """
-import logging
-import logging.config
 import os
 import signal
-import socket
-import sys
-import threading
+import time
 
-from app import logs
+
+def stop_starting(sig, frame):
+    """SIGTERM or Ctrl-C before the server runs (importing, loading the model): one log line and exit 0 at
+    once, rather than a KeyboardInterrupt traceback from whatever import or load was in progress. The line
+    is written by hand, as app.logs would write it: a signal handler must not import (nor wait for
+    logging's locks, which the interrupted code may hold)."""
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    os.write(2, f'{{"severity":"INFO","message":"stopped while starting ({signal.Signals(sig).name})",'
+                f'"time":"{stamp}","logger":"app"}}\n'.encode())
+    os._exit(0)
+
+
+if __name__ == "__main__":  # before the imports below: they take a quarter of a second on a busy machine
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop_starting)
+
+import logging  # noqa: E402 (these after the handlers)
+import logging.config  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+
+from app import logs  # noqa: E402
 
 
 class Loading(threading.Thread):
@@ -45,15 +64,6 @@ class Loading(threading.Thread):
         return self.model
 
 
-def stop_starting(sig, frame):
-    """SIGTERM or Ctrl-C before the server runs (importing, loading the model): one log line and exit 0 at
-    once, rather than a KeyboardInterrupt traceback from whatever import or load was in progress."""
-    record = logging.LogRecord("app", logging.INFO, __file__, 0, f"stopped while starting ({signal.Signals(sig).name})",
-                               None, None)
-    os.write(2, (logs.JsonFormatter().format(record) + "\n").encode("utf-8"))
-    os._exit(0)
-
-
 def bind(host, port):
     """Sockets bound to HOST and PORT for uvicorn to listen on, one per address HOST names (as asyncio's
     create_server binds them); on failure one log line and exit 1."""
@@ -73,8 +83,6 @@ def bind(host, port):
 
 
 def main():
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop_starting)
     logging.config.dictConfig(logs.LOG_CONFIG)
     port, host = os.environ.get("PORT", "8080"), os.environ.get("HOST", "0.0.0.0")
     if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):  # uvicorn would take 99999 as 34463

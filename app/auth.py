@@ -38,6 +38,9 @@ def keys(environ=os.environ):
                             "keys, or unset it to serve without keys")
     if "API_KEYS_FILE" in environ:
         found += read_file(environ["API_KEYS_FILE"])
+    if any(char.isspace() for key in found for char in key):  # `Bearer KEY` cannot carry it: no way in
+        raise KeysError("API_KEYS or API_KEYS_FILE holds a key with a space or tab in it: one key a line, "
+                        "comma-separated in API_KEYS")
     return [k.encode("utf-8") for k in found]
 
 
@@ -48,9 +51,10 @@ def read_file(path):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except (OSError, ValueError) as e:  # ValueError: a NUL in the path
         raise KeysError(f"API_KEYS_FILE {path!r} cannot be read: {e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise KeysError(f"API_KEYS_FILE {path!r} is not a regular file: give a file with one key a line")
     with open(fd, encoding="utf-8-sig") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise KeysError(f"API_KEYS_FILE {path!r} is not a regular file: give a file with one key a line")
         try:
             lines = [line.strip() for line in f]
         except (OSError, UnicodeDecodeError) as e:
