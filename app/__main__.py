@@ -15,32 +15,10 @@ starts) the two overlap (docs/benchmarks-llama-server.md).
 """
 import os
 import signal
+import socket
+import sys
+import threading
 import time
-
-
-def stop_starting(sig, frame):
-    """SIGTERM or Ctrl-C before the server runs (importing, loading the model): one log line and exit 0 at
-    once, rather than a KeyboardInterrupt traceback from whatever import or load was in progress. The line
-    is written by hand, as app.logs would write it: a signal handler must not import (nor wait for
-    logging's locks, which the interrupted code may hold)."""
-    now = time.time()
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
-    os.write(2, f'{{"severity":"INFO","message":"stopped while starting ({signal.Signals(sig).name})",'
-                f'"time":"{stamp}","logger":"app"}}\n'.encode())
-    os._exit(0)
-
-
-if __name__ == "__main__":  # before the imports below: they take a quarter of a second on a busy machine
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop_starting)
-
-import logging  # noqa: E402 (these after the handlers)
-import logging.config  # noqa: E402
-import socket  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-
-from app import logs  # noqa: E402
 
 
 class Loading(threading.Thread):
@@ -64,31 +42,52 @@ class Loading(threading.Thread):
         return self.model
 
 
+def stop_starting(sig, frame):
+    """SIGTERM or Ctrl-C before the server runs (importing, loading the model): one log line and exit 0 at
+    once, rather than a KeyboardInterrupt traceback from whatever import or load was in progress. The line
+    is written by hand, as app.logs would write it: a signal handler must not import (nor wait for
+    logging's locks, which the interrupted code may hold)."""
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    os.write(2, f'{{"severity":"INFO","message":"stopped while starting ({signal.Signals(sig).name})",'
+                f'"time":"{stamp}","logger":"app"}}\n'.encode())
+    os._exit(0)
+
+
 def bind(host, port):
     """Sockets bound to HOST and PORT for uvicorn to listen on, one per address HOST names (as asyncio's
-    create_server binds them); on failure one log line and exit 1."""
+    create_server binds them). Raises OSError, or UnicodeError for a HOST that IDNA cannot encode."""
     sockets = []
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            sockets.append(sock := socket.socket(family, kind, proto))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-    except (OSError, UnicodeError) as e:  # UnicodeError: a HOST that IDNA cannot encode
-        logs.log(logging.ERROR, f"cannot listen on HOST {host!r} PORT {port}: {getattr(e, 'strerror', None) or e}")
-        sys.exit(1)
+    for family, kind, proto, _, address in dict.fromkeys(
+            socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)):
+        sockets.append(sock := socket.socket(family, kind, proto))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
     return sockets
 
 
 def main():
+    # First of all: the imports below take a quarter of a second on a busy machine, and Ctrl-C during
+    # them is one line too. (Hence they are here, and only cheap ones at the top.)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop_starting)
+    import logging
+    import logging.config
+
+    from app import logs
+
     logging.config.dictConfig(logs.LOG_CONFIG)
     port, host = os.environ.get("PORT", "8080"), os.environ.get("HOST", "0.0.0.0")
     if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):  # uvicorn would take 99999 as 34463
         logs.log(logging.ERROR, f"PORT must be a number from 1 to 65535, got {port!r}")
         sys.exit(1)
-    sockets = bind(host, int(port))
+    try:
+        sockets = bind(host, int(port))
+    except (OSError, UnicodeError) as e:
+        logs.log(logging.ERROR, f"cannot listen on HOST {host!r} PORT {port}: {getattr(e, 'strerror', None) or e}")
+        sys.exit(1)
     from app.engine import GPT2, MODEL_DIR, ModelError
 
     loading = Loading(GPT2, MODEL_DIR)
