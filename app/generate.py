@@ -32,10 +32,13 @@ def read_request(state, data, streamed):
     request_id = data.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ParamError('"id" must be a string', "id")
-    parameters = data.get("parameters") or {}
+    parameters = {} if data.get("parameters") is None else data["parameters"]  # [] or "" is no object
     if not isinstance(parameters, dict):
         raise ParamError('"parameters" must be an object', "parameters")
-    given = {name: value for name, value in data.items() if name not in (INPUT, "id", "parameters")}
+    # null means absent, as in params.check: {"max_tokens": null, "length": 3} gives length once.
+    parameters = {name: value for name, value in parameters.items() if value is not None}
+    given = {name: value for name, value in data.items() if name not in (INPUT, "id", "parameters")
+             and value is not None}
     if twice := set(given) & set(parameters):
         name = sorted(twice)[0]
         raise ParamError(f"{name} is given both beside {INPUT} and in parameters: give it once", name)
@@ -58,8 +61,10 @@ async def generate(request, streamed=False):
         values, request_id = read_request(state, json_params(request, await read_body(request)), streamed)
         prompt = prompt_for(state.model, values)
     except ParamError as e:
-        parameter = INPUT if e.parameter == "prefix" else e.parameter
-        message = e.message.replace("prefix", INPUT) if e.parameter == "prefix" else e.message
+        # The checks shared with GET / call the text prefix; a parameter sent as prefix is an unknown one.
+        text = e.parameter == "prefix" and not e.message.startswith("unknown parameter")
+        parameter = INPUT if text else e.parameter
+        message = e.message.replace("prefix", INPUT) if text else e.message
         request.state.log = {"error": message, "parameter": parameter}
         return UJSONResponse(shape(e.status, message), e.status)
 

@@ -2,7 +2,9 @@
 carry text, so /metrics stays open when API keys are set.
 
     gpt2_requests_total{route, method, status}   route is the route's template (/v2/models/{name}/infer),
-                                                 so the label has as few values as there are routes
+                                                 so the label has as few values as there are routes; method
+                                                 one of METHODS or `other`; status 499 for a client that
+                                                 left (a stream's too, as in the log)
     gpt2_generation_seconds                      one generation, from its start to its last token
     gpt2_time_to_first_token_seconds             from the request's arrival (queueing included)
     gpt2_tokens_generated_total                  every sample's tokens
@@ -36,6 +38,10 @@ REFUSED = Counter("gpt2_refused", "Generation requests refused: busy (429) or sh
 DISCONNECTS = Counter("gpt2_client_disconnects", "Clients that hung up before their answer was complete",
                       registry=REGISTRY)
 MODEL = Info("gpt2_model", "The served model", registry=REGISTRY)
+
+# HTTP's methods (RFC 9110 and PATCH): any other is counted as "other", so that made-up methods (each
+# answered 405) cannot add series without bound. Every label takes its values from a fixed set.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 # The request being served, for Timing: its arrival time, and whether its first token came.
 _request = contextvars.ContextVar("metrics_request", default=None)
@@ -87,8 +93,11 @@ class Metrics:
         finally:
             _request.reset(token)
             route = self.templates.get(scope.get("endpoint"), "other")  # "other": no route (404)
-            REQUESTS.labels(route, scope["method"], str(status[0])).inc()
+            method = scope["method"] if scope["method"] in METHODS else "other"
             fields = scope.get("state", {}).get("log", {})
+            if fields.get("disconnected"):  # a stream's 200 went out before its client left (as RequestLog)
+                status[0] = 499
+            REQUESTS.labels(route, method, str(status[0])).inc()
             TOKENS.inc(fields.get("tokens", 0))
             if fields.get("error") in ("busy", "shutting down"):
                 REFUSED.labels(fields["error"].replace(" ", "_")).inc()

@@ -4,11 +4,35 @@ import hashlib
 import logging
 import re
 import time
+import urllib.parse
 
 from starlette.datastructures import MutableHeaders
 
 from app import logs
 from app.logs import log
+
+
+# Query parameters that carry a credential (a key sent as ?api_key=, which app/auth.py never accepts):
+# their values are never logged, LOG_PROMPTS=1 included.
+URL_KEYS = ("api_key", "api-key", "apikey", "key", "access_token", "token")
+
+
+def query_pairs(query_string):
+    """(name as sent, name decoded and lower-cased) of each of a query string's (bytes) parameters."""
+    for pair in query_string.decode("latin-1").split("&"):
+        name = pair.split("=", 1)[0]
+        yield pair, name, urllib.parse.unquote_plus(name).lower()
+
+
+def key_in_query(query_string):
+    """Whether a query string names a credential (URL_KEYS)."""
+    return any(decoded in URL_KEYS for _, _, decoded in query_pairs(query_string))
+
+
+def logged_query(query_string):
+    """A query string as logged: a credential's value replaced by [redacted]."""
+    return "&".join(f"{name}=[redacted]" if decoded in URL_KEYS else pair
+                    for pair, name, decoded in query_pairs(query_string))
 
 
 class RequestLog:
@@ -38,7 +62,7 @@ class RequestLog:
             latency = time.perf_counter() - started
             path = scope["path"]
             if scope["query_string"] and logs.LOG_PROMPTS:  # else the prompt is left out; params has the rest
-                path += "?" + scope["query_string"].decode("latin-1")
+                path += "?" + logged_query(scope["query_string"])
             log(level, f"{scope['method']} {scope['path']} {status[0]}",
                 httpRequest={"requestMethod": scope["method"], "requestUrl": path[:500], "status": status[0],
                              "latency": f"{latency:.3f}s"}, **fields)

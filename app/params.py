@@ -8,8 +8,9 @@ import re
 
 from app.tokenizer import END_OF_TEXT, START_OF_TEXT
 
-INTEGER = re.compile(r"[+-]?\d{1,19}")
-NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+# ASCII digits only: \d (and int(), float()) would take a fullwidth "５" or an Arabic-Indic "٥" as 5.
+INTEGER = re.compile(r"[+-]?[0-9]{1,19}")
+NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 TRUE, FALSE = ("true", "1"), ("false", "0")
 
 

@@ -89,7 +89,7 @@ def read_request(body, header_lengths):
     shape = tensor.get("shape")
     if not (isinstance(shape, list) and len(shape) == 1 and type(shape[0]) is int and 1 <= shape[0] <= MAX_TEXTS):
         raise ParamError(f"{INPUT} must have shape [N] with N from 1 to {MAX_TEXTS}, got {shape!r}")
-    tensor_params = tensor.get("parameters") or {}
+    tensor_params = {} if tensor.get("parameters") is None else tensor["parameters"]
     if not isinstance(tensor_params, dict):
         raise ParamError(f"{INPUT}'s parameters must be an object")
     size = tensor_params.get("binary_data_size")
@@ -111,11 +111,11 @@ def read_request(body, header_lengths):
     except UnicodeDecodeError:
         raise ParamError(f"{INPUT} must be UTF-8 text") from None
 
-    parameters = data.get("parameters") or {}
-    outputs = data.get("outputs") or []
+    parameters = {} if data.get("parameters") is None else data["parameters"]  # [] or "" is no object
+    outputs = [] if data.get("outputs") is None else data["outputs"]
     if not isinstance(parameters, dict) or not isinstance(outputs, list):
         raise ParamError('"parameters" must be an object and "outputs" a list')
-    parameters = dict(parameters)
+    parameters = {name: value for name, value in parameters.items() if value is not None}  # null: absent
     binary_out = parameters.pop("binary_data_output", False) is True
     if len(outputs) > 1:
         raise ParamError(f"the model has one output, {OUTPUT}: list it once")
@@ -192,10 +192,11 @@ async def infer(request):
             values = parse(state.table, {**parameters, **given_prefix(text)})
             runs.append((prompt_for(state.model, values, len(texts)), values))
     except ParamError as e:
-        # The checks shared with GET / call the text prefix.
-        message, logged = (re.sub(r"\bprefix\b", INPUT, m) for m in (e.message, e.logged))
+        # The checks shared with GET / call the text prefix; a parameter sent as prefix is unknown.
+        text = not e.message.startswith("unknown parameter")
+        message, logged = (re.sub(r"\bprefix\b", INPUT, m) if text else m for m in (e.message, e.logged))
         request.state.log = {"error": message if logs.LOG_PROMPTS else logged,
-                             "parameter": INPUT if e.parameter == "prefix" else e.parameter}
+                             "parameter": INPUT if text and e.parameter == "prefix" else e.parameter}
         return error(e.status, message)
 
     request.state.log = fields = {"params": logs.private(runs[0][1]),

@@ -32,6 +32,7 @@ def free_port():
 def start(run_dir, **env):
     port = free_port()
     env = {**os.environ, "MODEL_DIR": str(run_dir), "PORT": str(port), "HOST": "127.0.0.1", **env}
+    env = {name: value for name, value in env.items() if value is not None}  # None: unset (API_KEYS="" refuses)
     proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -85,7 +86,7 @@ def main():
     args = parser.parse_args()
     micro()
     on = start(args.run_dir, API_KEYS=KEY, METRICS="1", GOOGLE_CLOUD_PROJECT="overhead")
-    off = start(args.run_dir, API_KEYS="", METRICS="0", GOOGLE_CLOUD_PROJECT="")
+    off = start(args.run_dir, API_KEYS=None, API_KEYS_FILE=None, METRICS="0", GOOGLE_CLOUD_PROJECT="")
     headers = {"on": {"Authorization": f"Bearer {KEY}",
                       "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}, "off": {}}
     body = {"prefix": "The cat ", "length": args.length, "seed": 1, "temperature": 1.0, "top_k": 0}
