@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import threading
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -190,6 +191,17 @@ def test_yta_corpus_exact(bigquery, tmp_path):
     assert counts["approx. tokens"] == sum(map(len, EXPECTED_YTA)) // 4
     assert "dry run: the query will scan" in result.stderr
     assert oct(out.stat().st_mode & 0o777) == "0o644"
+    # Beside it, the query that made it (CONTRACT.md), for the run's corpus.json and its model card
+    meta_path = tmp_path / "corpus.txt.meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    assert meta == {"project": PROJECT, "source": "reddit", "kind": "comments", "table": WILDCARD,
+                    "subreddit": [AITA], "tag_subreddit": False, "since": None, "until": None,
+                    "match": r"(?i)\bYTA\b", "min_score": None, "top": None, "with_selftext": False,
+                    "exclude_author": ["AutoModerator", "[deleted]"], "min_length": 5, "limit": None,
+                    "format": "gpt2", "texts": len(EXPECTED_YTA), "written_at": meta["written_at"]}
+    assert abs(datetime.fromisoformat(meta["written_at"]) - datetime.now(timezone.utc)) < timedelta(minutes=5)
+    assert oct(meta_path.stat().st_mode & 0o777) == "0o644"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "corpus.txt.meta.json"]
 
 
 def test_plain_format_deleted_bodies_and_default_authors(bigquery, tmp_path):
@@ -305,6 +317,13 @@ def test_loaded_tables_exact_corpus(case, bigquery, tmp_path):
     texts = documents(out)
     assert (set(texts) if isinstance(expected, set) else texts) == expected
     assert len(texts) == len(expected)
+    meta = json.loads((tmp_path / "corpus.txt.meta.json").read_text(encoding="utf-8"))
+    assert meta["texts"] == len(expected) and meta["project"] == PROJECT
+    assert meta["source"] == (args[args.index("--source") + 1] if "--source" in args else "reddit")
+    month = lambda flag: args[args.index(flag) + 1] if flag in args else None  # YYYY-MM in these cases
+    assert meta["since"] == (month("--since") and month("--since") + "-01")
+    last_day = lambda m: f"{m}-{calendar.monthrange(int(m[:4]), int(m[5:]))[1]}"
+    assert meta["until"] == (month("--until") and last_day(month("--until")))  # the last day included
 
 
 PREVIOUS = "<|startoftext|>the previous corpus<|endoftext|>\n"
