@@ -218,4 +218,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from finetune.export import main  # the package's copy: finetune.hf_export raises its ExportError
     sys.exit(main())

@@ -216,7 +216,7 @@ def model_card(run_dir, name, step, val_loss, reason, hparams, generation):
     share = report.get("share_of_samples_with_copied_span")
     if share is not None:
         settings = report.get("settings") or {}
-        memorized = f"{share:.0%} of the samples repeat 50+ characters of the corpus word for word ({report.get('summary')}"
+        memorized = f"{report.get('summary')} (share {share:.2f}"
         memorized += f"; measured on {settings.get('checkpoint')})" if settings.get("checkpoint") != name else ")"
         if report.get("warning"):
             memorized += f". Warning: {report['warning']}"
