@@ -285,6 +285,8 @@ def export_hf(run_dir, which="best"):
             write_tokenizer(tmp_dir, encoder, merges, hparams["n_ctx"])
             with open(os.path.join(tmp_dir, "README.md"), "w", encoding="utf-8") as f:
                 f.write(model_card(run_dir, name, step, val_loss, reason, hparams, generation))
+            for entry in os.listdir(tmp_dir):  # safetensors makes its file 0600; readable by whoever serves it
+                os.chmod(os.path.join(tmp_dir, entry), 0o644)
         except ExportError:
             raise
         except Exception as e:  # a full disk: OSError, or safetensors' own error type for its file

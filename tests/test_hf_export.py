@@ -120,6 +120,8 @@ def test_pytorch_logits_equal_tensorflows(which, request, tmp_path, monkeypatch)
         print(f"{which} {text!r}: largest logit difference {error:.1e} (largest logit {np.abs(e).max():.2f})")
         assert error <= LOGIT_TOLERANCE, text
         assert int(g[-1].argmax()) == int(e[-1].argmax())
+    if which == "124M":  # the card takes a release's exact shape for that release
+        assert "\nbase_model: openai-community/gpt2\n" in (run / "hf" / "README.md").read_text()
 
 
 def varied_texts():
@@ -186,6 +188,8 @@ def test_config_and_generation_defaults(run, monkeypatch):
     assert sorted(p.name for p in (run / "hf").iterdir()) == [
         "README.md", "config.json", "generation_config.json", "merges.txt", "model.safetensors",
         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+    assert all(oct(p.stat().st_mode & 0o777) == "0o644" for p in (run / "hf").iterdir())
+    assert oct((run / "hf").stat().st_mode & 0o777) == "0o755"
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
 
 
