@@ -320,10 +320,11 @@ def test_loaded_tables_exact_corpus(case, bigquery, tmp_path):
     meta = json.loads((tmp_path / "corpus.txt.meta.json").read_text(encoding="utf-8"))
     assert meta["texts"] == len(expected) and meta["project"] == PROJECT
     assert meta["source"] == (args[args.index("--source") + 1] if "--source" in args else "reddit")
-    month = lambda flag: args[args.index(flag) + 1] if flag in args else None  # YYYY-MM in these cases
-    assert meta["since"] == (month("--since") and month("--since") + "-01")
-    last_day = lambda m: f"{m}-{calendar.monthrange(int(m[:4]), int(m[5:]))[1]}"
-    assert meta["until"] == (month("--until") and last_day(month("--until")))  # the last day included
+    given = lambda flag: args[args.index(flag) + 1] if flag in args else None  # YYYY-MM or YYYY-MM-DD
+    first_day = lambda d: d if len(d) == 10 else f"{d}-01"
+    last_day = lambda d: d if len(d) == 10 else f"{d}-{calendar.monthrange(int(d[:4]), int(d[5:]))[1]}"
+    assert meta["since"] == (given("--since") and first_day(given("--since")))
+    assert meta["until"] == (given("--until") and last_day(given("--until")))  # the last day included
 
 
 PREVIOUS = "<|startoftext|>the previous corpus<|endoftext|>\n"
@@ -460,7 +461,9 @@ def test_gcs_out(bigquery, storage_emulator, tmp_path, monkeypatch):
     assert out.read_text(encoding="utf-8") == gpt2_corpus(
         ["YTA, you should apologize.", "YTA & you should apologize.", "Honestly YTA here."])
 
+    assert json.loads((tmp_path / "corpus.txt.meta.json").read_text())["texts"] == 3
     out.write_text(PREVIOUS, encoding="utf-8")
+    (tmp_path / "corpus.txt.meta.json").unlink()  # a corpus made otherwise, with no record
     result = run_extract("--endpoint", bigquery.url, "--table", f"{PROJECT}.reddit_comments.2019_02",
                          "--out", out, "--gcs-out", "gs://no-such-bucket/corpus.txt",
                          env={"STORAGE_EMULATOR_HOST": storage_emulator})
