@@ -12,12 +12,14 @@ U+FFFD, [deleted]/[removed], too short, exact duplicates) and writes one
 <|startoftext|>text<|endoftext|> per comment or post, gpt-2-simple's format (or --format plain).
 The corpus is written to a temporary file beside --out and renamed only when everything,
 the optional --gcs-out upload included, succeeded: a failed run leaves the previous corpus as it was.
+With it comes OUT.meta.json, the query's parameters (corpus_record), which training carries into the run.
 
 --endpoint URL or BIGQUERY_EMULATOR_HOST points the client at a local emulator (no credentials used).
 """
 import argparse
 import hashlib
 import html
+import json
 import os
 import re
 import sys
@@ -46,6 +48,7 @@ GCS_PATTERN = re.compile(r"gs://([a-z0-9][a-z0-9._-]{1,220}[a-z0-9])/(\S+[^/])")
 DELETED_BODIES = {"[deleted]", "[removed]"}
 START, END = "<|startoftext|>", "<|endoftext|>"
 CHARS_PER_TOKEN = 4  # rough GPT-2 BPE average for English text; the summary says "approx."
+META_SUFFIX = ".meta.json"  # data/corpus.txt -> data/corpus.txt.meta.json (corpus_record)
 
 
 class UsageError(Exception):
@@ -469,6 +472,21 @@ def filters_text(args):
                       for k, v in shown.items() if v is not None] + [f"excluded authors={args.exclude_author}"])
 
 
+def corpus_record(args, project, texts):
+    """CORPUS.meta.json, written beside the corpus with it: the query that made it, every filter of the
+    command line (dates as the first and last day included, UTC), for the run that trains on it
+    (RUN/corpus.json) and its model card."""
+    return {
+        "project": project, "source": args.source, "kind": args.kind, "table": args.table,
+        "subreddit": args.subreddit, "tag_subreddit": args.tag_subreddit,
+        "since": f"{args.since:%Y-%m-%d}" if args.since != EARLIEST else None,
+        "until": f"{args.until - timedelta(microseconds=1):%Y-%m-%d}" if args.until != LATEST else None,
+        "match": args.match, "min_score": args.min_score, "top": args.top, "with_selftext": args.with_selftext,
+        "exclude_author": args.exclude_author, "min_length": args.min_length, "limit": args.limit,
+        "format": args.format, "texts": texts, "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def extract(args):
     from google.api_core import exceptions as api_exceptions
     from google.auth import exceptions as auth_exceptions
@@ -502,6 +520,7 @@ def extract(args):
         cleaner = Cleaner(args.min_length)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.", suffix=".partial")
+        meta_tmp = None
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
                 for row in tqdm(rows, total=total, unit=" rows", desc=f"reading {args.kind}",
@@ -517,9 +536,18 @@ def extract(args):
                                  "nothing to write")
             if args.gcs_out:
                 upload(bucket, tmp, args.gcs_out, args.timeout)
+            record = json.dumps(corpus_record(args, client.project, cleaner.counts["kept"]), indent=1) + "\n"
+            meta_path = args.out.with_name(args.out.name + META_SUFFIX)
+            fd, meta_tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f".{meta_path.name}.", suffix=".partial")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(record)
+            os.chmod(meta_tmp, 0o644)
             os.replace(tmp, args.out)
+            os.replace(meta_tmp, meta_path)  # the corpus's record follows it at once
         except BaseException:
-            os.unlink(tmp)
+            for path in (tmp, meta_tmp):
+                if path and os.path.exists(path):
+                    os.unlink(path)
             raise
     except (api_exceptions.GoogleAPIError, auth_exceptions.GoogleAuthError) as e:
         raise UsageError(f"BigQuery: {cloud_error_line(e, args.timeout)}") from None

@@ -1,6 +1,7 @@
 """Export a run's best checkpoint as a GGUF file for the server (llama.cpp, no TensorFlow).
 
     python -m finetune.export checkpoint/run1 [--quant Q8_0]
+    python -m finetune.export checkpoint/run1 --format hf   # RUN_DIR/hf for transformers (finetune/hf_export.py)
 
 Writes RUN_DIR/weights/ (model.gguf, manifest.json) into a new folder and renames it into place
 only when complete: a failed export never replaces a good one, and no file a running server has
@@ -87,23 +88,21 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def export(run_dir, quant=DEFAULT_QUANT, which="best", dataset=None):
-    """Write run_dir/weights/ for the chosen checkpoint; return the path of manifest.json. The
-    manifest carries the run's text format (finetune/text_format.py; `dataset` tells it for a run
-    trained before the run folder recorded it)."""
-    if quant not in QUANTS:
-        raise ExportError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
-    run_dir = os.path.abspath(run_dir)
+def locate(run_dir, which="best"):
+    """(name, step, validation loss or None, why, hparams) of the checkpoint to export from run_dir."""
     if not os.path.isdir(run_dir):
         raise ExportError(f"run folder {run_dir} does not exist")
     name, step, val_loss, reason = chosen_checkpoint(run_dir, which)
-    prefix = os.path.join(run_dir, name)
-    index_path = prefix + ".index"
+    index_path = os.path.join(run_dir, name + ".index")
     if not os.path.isfile(index_path):
         raise ExportError(f"{index_path} is missing: the checkpoint file names {name} but it is not there")
     with open(os.path.join(run_dir, "hparams.json"), encoding="utf-8") as f:
         hparams = json.load(f)
+    return name, step, val_loss, reason, hparams
 
+
+def read_tensors(prefix):
+    """{variable: float32 array} of the checkpoint at prefix; refused when unreadable or not finite."""
     import tensorflow as tf  # here, so that a wrong RUN_DIR is reported without TF's start-up time
 
     try:
@@ -111,23 +110,36 @@ def export(run_dir, quant=DEFAULT_QUANT, which="best", dataset=None):
         shapes = reader.get_variable_to_shape_map()
     except Exception as e:  # TF raises its own error types for a corrupt bundle
         raise ExportError(f"cannot read checkpoint {prefix}: {str(e).splitlines()[0]}") from None
+    tensors = {}
+    for var in sorted(shapes):
+        try:
+            value = reader.get_tensor(var)
+        except Exception as e:
+            raise ExportError(f"cannot read {var} from {prefix}: {str(e).splitlines()[0]}") from None
+        if value.dtype != np.float32:
+            raise ExportError(f"{var} in {prefix} is {value.dtype}, expected float32")
+        if not np.isfinite(value).all():
+            raise ExportError(f"{var} in {prefix} holds NaN or infinite values: the training diverged; "
+                              "train again with a lower --learning-rate or from an earlier checkpoint")
+        tensors[var] = value
+    return tensors
+
+
+def export(run_dir, quant=DEFAULT_QUANT, which="best", dataset=None):
+    """Write run_dir/weights/ for the chosen checkpoint; return the path of manifest.json. The
+    manifest carries the run's text format (finetune/text_format.py; `dataset` tells it for a run
+    trained before the run folder recorded it)."""
+    if quant not in QUANTS:
+        raise ExportError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+    run_dir = os.path.abspath(run_dir)
+    name, step, val_loss, reason, hparams = locate(run_dir, which)
+    index_path = os.path.join(run_dir, name + ".index")
+    tensors = read_tensors(os.path.join(run_dir, name))
 
     out_dir = os.path.join(run_dir, "weights")
     tmp_dir = tempfile.mkdtemp(prefix=".weights.partial-", dir=run_dir)
     os.chmod(tmp_dir, 0o755)  # mkdtemp makes 0700; the serving container may run as another user
     try:
-        tensors = {}
-        for var in sorted(shapes):
-            try:
-                value = reader.get_tensor(var)
-            except Exception as e:
-                raise ExportError(f"cannot read {var} from {prefix}: {str(e).splitlines()[0]}") from None
-            if value.dtype != np.float32:
-                raise ExportError(f"{var} in {prefix} is {value.dtype}, expected float32")
-            if not np.isfinite(value).all():
-                raise ExportError(f"{var} in {prefix} holds NaN or infinite values: the training diverged; "
-                                  "train again with a lower --learning-rate or from an earlier checkpoint")
-            tensors[var] = value
         try:
             write_gguf(os.path.join(tmp_dir, GGUF_NAME), tensors, hparams, run_dir, quant,
                        name=os.path.basename(run_dir))
@@ -167,7 +179,7 @@ def export(run_dir, quant=DEFAULT_QUANT, which="best", dataset=None):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
-        self.exit(2, f"error: {message} (usage: python -m finetune.export RUN_DIR [--quant TYPE])\n")
+        self.exit(2, f"error: {message} (usage: python -m finetune.export RUN_DIR [--quant TYPE | --format hf])\n")
 
 
 def main(argv=None):
@@ -179,15 +191,28 @@ def main(argv=None):
     parser = Parser(prog="python -m finetune.export",
                     description="Export a run's best checkpoint (else its latest) as GGUF.")
     parser.add_argument("run_dir", help="the run folder, e.g. checkpoint/run1")
-    parser.add_argument("--quant", default=DEFAULT_QUANT, choices=list(QUANTS),
+    parser.add_argument("--format", default="gguf", choices=["gguf", "hf"],
+                        help="gguf: RUN_DIR/weights for the server (default); hf: RUN_DIR/hf, a Hugging Face "
+                             "GPT-2 folder for transformers (docs/huggingface.md)")
+    parser.add_argument("--quant", choices=list(QUANTS),
                         help=f"weight type of the GGUF file (default {DEFAULT_QUANT})")
     parser.add_argument("--checkpoint", default="best", choices=["best", "latest"],
                         help="best: the lowest validation loss (the latest when none was measured); latest")
     parser.add_argument("--dataset", help="the corpus the run was trained on, for a run folder without "
                         f"{text_format.RECORD}: its <|startoftext|> markers tell the text format")
     args = parser.parse_args(argv)
+    if args.format == "hf":
+        if args.quant:
+            parser.error("--quant is for --format gguf; the Hugging Face folder holds the checkpoint's float32 weights")
+        from finetune.hf_export import export_hf
+        try:
+            print(f"exported {export_hf(args.run_dir, args.checkpoint)}")
+        except (ExportError, OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
-        manifest_path = export(args.run_dir, args.quant, args.checkpoint, args.dataset)
+        manifest_path = export(args.run_dir, args.quant or DEFAULT_QUANT, args.checkpoint, args.dataset)
     except (ExportError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -199,4 +224,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from finetune.export import main  # the package's copy: finetune.hf_export raises its ExportError
     sys.exit(main())

@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import threading
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -190,6 +191,17 @@ def test_yta_corpus_exact(bigquery, tmp_path):
     assert counts["approx. tokens"] == sum(map(len, EXPECTED_YTA)) // 4
     assert "dry run: the query will scan" in result.stderr
     assert oct(out.stat().st_mode & 0o777) == "0o644"
+    # Beside it, the query that made it (CONTRACT.md), for the run's corpus.json and its model card
+    meta_path = tmp_path / "corpus.txt.meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    assert meta == {"project": PROJECT, "source": "reddit", "kind": "comments", "table": WILDCARD,
+                    "subreddit": [AITA], "tag_subreddit": False, "since": None, "until": None,
+                    "match": r"(?i)\bYTA\b", "min_score": None, "top": None, "with_selftext": False,
+                    "exclude_author": ["AutoModerator", "[deleted]"], "min_length": 5, "limit": None,
+                    "format": "gpt2", "texts": len(EXPECTED_YTA), "written_at": meta["written_at"]}
+    assert abs(datetime.fromisoformat(meta["written_at"]) - datetime.now(timezone.utc)) < timedelta(minutes=5)
+    assert oct(meta_path.stat().st_mode & 0o777) == "0o644"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "corpus.txt.meta.json"]
 
 
 def test_plain_format_deleted_bodies_and_default_authors(bigquery, tmp_path):
@@ -305,6 +317,14 @@ def test_loaded_tables_exact_corpus(case, bigquery, tmp_path):
     texts = documents(out)
     assert (set(texts) if isinstance(expected, set) else texts) == expected
     assert len(texts) == len(expected)
+    meta = json.loads((tmp_path / "corpus.txt.meta.json").read_text(encoding="utf-8"))
+    assert meta["texts"] == len(expected) and meta["project"] == PROJECT
+    assert meta["source"] == (args[args.index("--source") + 1] if "--source" in args else "reddit")
+    given = lambda flag: args[args.index(flag) + 1] if flag in args else None  # YYYY-MM or YYYY-MM-DD
+    first_day = lambda d: d if len(d) == 10 else f"{d}-01"
+    last_day = lambda d: d if len(d) == 10 else f"{d}-{calendar.monthrange(int(d[:4]), int(d[5:]))[1]}"
+    assert meta["since"] == (given("--since") and first_day(given("--since")))
+    assert meta["until"] == (given("--until") and last_day(given("--until")))  # the last day included
 
 
 PREVIOUS = "<|startoftext|>the previous corpus<|endoftext|>\n"
@@ -441,7 +461,9 @@ def test_gcs_out(bigquery, storage_emulator, tmp_path, monkeypatch):
     assert out.read_text(encoding="utf-8") == gpt2_corpus(
         ["YTA, you should apologize.", "YTA & you should apologize.", "Honestly YTA here."])
 
+    assert json.loads((tmp_path / "corpus.txt.meta.json").read_text())["texts"] == 3
     out.write_text(PREVIOUS, encoding="utf-8")
+    (tmp_path / "corpus.txt.meta.json").unlink()  # a corpus made otherwise, with no record
     result = run_extract("--endpoint", bigquery.url, "--table", f"{PROJECT}.reddit_comments.2019_02",
                          "--out", out, "--gcs-out", "gs://no-such-bucket/corpus.txt",
                          env={"STORAGE_EMULATOR_HOST": storage_emulator})

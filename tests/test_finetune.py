@@ -348,7 +348,7 @@ def test_export_cli_recreates_the_same_weights(tiny_run, tmp_path):
     shutil.rmtree(run / "weights")
     result = run_export(run)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"exported model-100 as Q8_0 to {run / 'weights' / 'model.gguf'}"
+    assert result.stdout.strip() == f"exported model-100 as Q8_0 to {run / 'weights' / 'model.gguf'} (texts: delimited)"
     assert tree_digest(run / "weights") == before
 
 
