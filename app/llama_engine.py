@@ -14,6 +14,7 @@ Threads: give it only CPUs that are the server's alone: ggml's threads wait for 
 operation by spinning, so a thread that is not scheduled stalls every token (measured: 50-100 ms a
 token instead of 1-2 with 2 threads on a busy 2-core machine).
 """
+import array
 import ctypes
 import importlib
 import importlib.util
@@ -38,6 +39,7 @@ L = _bindings()
 
 
 GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum ggml_log_level
+SCORE_CHUNK = 64  # positions a prompt is scored in at a time (LlamaModel.score): 12.9 MB of logits at 50,257 tokens
 
 
 class LlamaError(Exception):
@@ -109,6 +111,28 @@ class LlamaModel:
         L.llama_memory_clear(self.memory, False)
         self._decode(ids, range(n), [0] * n, [all_logits] * (n - 1) + [True])
 
+    def score(self, ids, read, stopped):
+        """prompt(ids), with every position's logits: decoded SCORE_CHUNK positions at a time, and
+        read(i, row) called with position i's logits (see `row`) before the next chunk, so that no
+        more than SCORE_CHUNK rows are held at once (the context's output buffer grows to the most
+        outputs one decode asked for: a whole 1,024-token prompt's would be 206 MB at GPT-2's vocabulary).
+        Between chunks, stopped() true ends it: False is returned."""
+        L.llama_memory_clear(self.memory, False)
+        for start in range(0, len(ids), SCORE_CHUNK):
+            if start and stopped():
+                return False
+            chunk = ids[start:start + SCORE_CHUNK]
+            self._decode(chunk, range(start, start + len(chunk)), [0] * len(chunk), [True] * len(chunk))
+            for j in range(len(chunk)):
+                read(start + j, self.row(j))
+        return True
+
+    def row(self, output):
+        """The logits of output `output` (-1: the last) of the last decode, copied: an array('f')."""
+        row = array.array("f")
+        row.frombytes(ctypes.string_at(L.llama_get_logits_ith(self.ctx, output), 4 * self.n_vocab))
+        return row
+
     def fork(self, n_seqs):
         """Sequences 1..n_seqs-1 continue from sequence 0's prompt (shared cache cells, no copy)."""
         for seq in range(1, n_seqs):
@@ -119,12 +143,13 @@ class LlamaModel:
         n = len(tokens)
         self._decode(tokens, [pos] * n, range(n), [True] * n)
 
-    def tokenize(self, text):
-        """GPT-2's byte-level BPE of `text` with the model's vocabulary: no special tokens (an
-        "<|endoftext|>" in the text is ordinary pieces) and none added."""
+    def tokenize(self, text, special=False):
+        """GPT-2's byte-level BPE of `text` with the model's vocabulary, none added: by default no
+        special tokens (an "<|endoftext|>" in the text is ordinary pieces); with `special`, an
+        "<|endoftext|>" is the end token, as Hugging Face's tokenizers read it."""
         data = text.encode("utf-8")
         ids = (L.llama_token * (len(data) + 1))()  # a token is at least one byte
-        n = L.llama_tokenize(self.vocab, data, len(data), ids, len(ids), False, False)
+        n = L.llama_tokenize(self.vocab, data, len(data), ids, len(ids), False, special)
         if n < 0:
             raise LlamaError(f"llama_tokenize failed ({n})")
         return ids[:n]
