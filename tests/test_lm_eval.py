@@ -135,7 +135,7 @@ def test_multiple_choice_accuracy_equals_a_direct_computation(evaluation, model)
             top = logits.max(axis=1, keepdims=True)
             log_softmax = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
             scores.append(sum(log_softmax[j - 1, ids[j]] for j in range(len(context), len(ids))))
-        assert [r[0] for r in doc["filtered_resps"]] == pytest.approx(scores, abs=1e-3)
+        assert [float(r[0]) for r in doc["filtered_resps"]] == pytest.approx(scores, abs=1e-3)  # logged as text
         right += int(np.argmax(scores)) == doc["doc"]["label"]
     assert results["tiny_choice"]["acc,none"] == pytest.approx(right / len(CONTEXTS))
 
