@@ -10,6 +10,7 @@ import numpy as np
 import openai
 import pytest
 
+from test_hardening import wait_for_log
 from test_server import running_server
 
 PROMPT = "<|startoftext|>my dog"
@@ -181,6 +182,12 @@ def test_usage_counts_the_tokens_the_answer_holds(client, server):
     native = httpx.post(server.url + "/", json={"prefix": PROMPT, "length": 30, "seed": 1, "temperature": 2,
                                                 "truncate": ".", "nsamples": 3}, timeout=60).json()
     assert native["tokens"] <= 90
+    # a stream's usage, and the request log's count (what /metrics adds up), are the plain answer's
+    params = dict(seed=2, temperature=2.0, max_tokens=29, stop=[" the", "."])
+    chunks = list(complete(client, stream=True, stream_options={"include_usage": True}, **params))
+    plain = complete(client, logprobs=0, **params)
+    entry = wait_for_log(server, lambda e: e.get("params", {}).get("max_tokens") == 29 and e["params"]["stream"])
+    assert chunks[-1].usage.completion_tokens == entry["tokens"] == len(plain.choices[0].logprobs.tokens)
 
 
 def test_tokenizer_routes_in_vllm_shapes(server, reference):
