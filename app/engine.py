@@ -14,7 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-from app import logprobs
 from app.llama_engine import LlamaError, LlamaModel, Sampler
 from app.tokenizer import END_OF_TEXT, TextDecoder, Tokenizer
 
@@ -188,7 +187,7 @@ class SampleText:
         self.generated = ""
         self.ids = []  # every sampled token id, in order
         self.offsets, self.ends = [], []  # where each token's text starts and ends in `generated`
-        self.scores = []  # each token's log-probabilities (app.logprobs.score), when asked for
+        self.scores = []  # each token's log-probabilities (LlamaModel.logprobs), when asked for
         self.stop_reason = None
         self.shown = 0  # characters of text() already handed out
         self.released = 0  # tokens already handed out with a piece
@@ -265,7 +264,7 @@ class Generation:
     sample's tokens share the model's n_ctx positions (app.params.prompt_for checks it).
 
     With `logprobs` (k, 0 to 5) each sampled token gets its log-probabilities (SampleText.scores:
-    app.logprobs.score's, k likeliest); with `score_prompt`, each prompt token but the first too
+    LlamaModel.logprobs', k likeliest); with `score_prompt`, each prompt token but the first too
     (prompt_scores), the prompt computed in chunks (LlamaModel.score). A length of 0 samples nothing."""
 
     def __init__(self, model, prompt, *, prefix, length, temperature, top_k, top_p, seed, nsamples,
@@ -279,9 +278,9 @@ class Generation:
         self.stop = threading.Event()  # set when nobody waits for the answer any more (app.gate.steps)
         self.result = None
 
-    def _read_prompt(self, i, row):
+    def _read_prompt(self, i, output):
         if i + 1 < len(self.prompt):
-            self.prompt_scores.append(logprobs.score(row, self.prompt[i + 1], self.logprobs or 0))
+            self.prompt_scores.append(self.model.llama.logprobs(output, self.prompt[i + 1], self.logprobs or 0))
 
     def __iter__(self):
         llama, samples, k = self.model.llama, self.samples, self.logprobs
@@ -297,12 +296,10 @@ class Generation:
                 llama.fork(B)
             outputs = [-1] * B  # every sample draws from the prompt's last logits first
             for step in range(self.length):
-                rows = [llama.row(output) if k is not None and s.stop_reason is None else None
-                        for s, output in zip(samples, outputs)]  # the raw logits, before any sampler
                 tokens = [llama.sample(sampler, output) for sampler, output in zip(self.samplers, outputs)]
-                for s, t, row in zip(samples, tokens, rows):
+                for s, t, output in zip(samples, tokens, outputs):  # the raw logits: samplers work on copies
                     if s.stop_reason is None:
-                        s.add(t, row and logprobs.score(row, t, k))
+                        s.add(t, None if k is None else llama.logprobs(output, t, k))
                 if all(s.stop_reason for s in samples) or step + 1 == self.length:
                     break
                 yield samples[0].new_piece()

@@ -8,7 +8,7 @@ honour are refused by name unless they are given their neutral value.
 
 A prompt is a string, a list of strings, a list of token ids or a list of such lists (one choice per
 prompt, times n, prompt-major, as OpenAI indexes them; they run one after another, sharing n_ctx).
-`logprobs: k` gives each choice OpenAI's legacy log-probabilities of its tokens (app/logprobs.py), with
+`logprobs: k` gives each choice OpenAI's legacy log-probabilities of its tokens (LlamaModel.logprobs), with
 `echo` those of the prompt too; `max_tokens: 0` with `echo` scores the prompt and generates nothing.
 """
 import re

@@ -6,8 +6,8 @@ peak memory of scoring a whole-context prompt against generating, on this machin
 
 Our server runs as `python -m app` (THREADS=1, as on Cloud Run), driven over HTTP. Times: the median
 of --repeats requests of the same 1,000 random token ids with `echo: true, max_tokens: 0` and no
-logprobs (the forward pass alone, decoded in one go), `logprobs: 0` (each position's log-softmax, in
-plain Python: app/logprobs.py) and `logprobs: 5` (and the five likeliest tokens). Memory: the peak
+logprobs (the forward pass alone, decoded in one go), `logprobs: 0` (each position's log-softmax,
+64 positions decoded at a time: app/llama_engine.py Scores) and `logprobs: 5` (and the five likeliest). Memory: the peak
 resident set (VmHWM) of a fresh server after one request: scoring n_ctx tokens with logprobs 5, or
 generating to the end of the context from a short prompt. Writes scoring.md, scoring.png and
 scoring.json to --out (default bench/out).
