@@ -102,17 +102,18 @@ def paths(state):
                          "requestBody": {"required": True, "content": json_body(body)},
                          "responses": responses(answer, error, codes)}}
 
+    tokenize = obj({"model": {"enum": [state.name]}, "prompt": {"type": "string", "maxLength": TEXT_MAX_CHARS},
+                    "add_special_tokens": BOOLEAN, "return_token_strs": BOOLEAN}, ["prompt"],
+                   additionalProperties=False)
+    tokens = obj({"count": INTEGER, "max_model_len": INTEGER, "tokens": ids,
+                  "token_strs": {"type": "array", "items": STRING}}, ["count", "max_model_len", "tokens"])
+    detokenize = obj({"model": {"enum": [state.name]}, "tokens": ids}, ["tokens"], additionalProperties=False)
     return {
         "/tokenizer_info": get("The tokenizer's facts, as vLLM gives them", "tokenizer_info",
                                obj({"tokenizer_class": STRING, "eos_token": STRING, "bos_token": STRING,
                                     "model_max_length": INTEGER}, ["eos_token", "model_max_length"])),
         "/tokenize": post("Text to token ids (\"<|endoftext|>\" is the end token), as vLLM's", "tokenize",
-                          obj({"model": {"enum": [state.name]}, "prompt": {"type": "string", "maxLength": TEXT_MAX_CHARS},
-                               "add_special_tokens": BOOLEAN, "return_token_strs": BOOLEAN}, ["prompt"],
-                              additionalProperties=False),
-                          obj({"count": INTEGER, "max_model_len": INTEGER, "tokens": ids,
-                               "token_strs": {"type": "array", "items": STRING}}, ["count", "max_model_len", "tokens"])),
-        "/detokenize": post("Token ids to text, as vLLM's", "detokenize",
-                            obj({"model": {"enum": [state.name]}, "tokens": ids}, ["tokens"], additionalProperties=False),
+                          tokenize, tokens),
+        "/detokenize": post("Token ids to text, as vLLM's", "detokenize", detokenize,
                             obj({"prompt": STRING}, ["prompt"])),
     }
