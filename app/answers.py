@@ -105,7 +105,8 @@ class Stream(StreamingResponse):
         finally:
             result = self.generation.result
             self.gate.leave(result and result["seconds"])
-            self.fields["tokens"] = tokens([self.generation])
+            # the tokens the answer holds when it was finished (as a plain answer counts them), else those drawn
+            self.fields["tokens"] = result["tokens"] if result else tokens([self.generation])
             if result:
                 self.fields.setdefault("stop_reason", result["stop_reason"])
                 self.fields["seconds"] = result["seconds"]

@@ -3,6 +3,7 @@ tokenizer (app/tokenizer.py) and its samplers, set up to sample as gpt-2-simple 
 then top_p or top_k). No TensorFlow or NumPy here.
 """
 import array
+import bisect
 import hashlib
 import json
 import math
@@ -174,7 +175,12 @@ class SampleText:
     OpenAI completion is exactly what was generated). Unlike gpt-2-simple it stops at the first
     `truncate` (a string, or a list of strings: the first of any) or "<|endoftext|>" in the generated
     text, or when the end token is sampled; and a "<|startoftext|>" begins another text: it ends this
-    one, unless nothing but blanks came before it (the model opening the text again: dropped)."""
+    one, unless nothing but blanks came before it (the model opening the text again: dropped, with
+    its tokens).
+
+    The tokens the answer holds (`held`) are those whose text it holds, a stop string cutting the
+    rest, and the end token that ended it; each token's offset is where its text starts in the
+    generated text (a token that is part of a character: where that character is)."""
 
     def __init__(self, tokenizer, prefix, include_prefix, truncate, strip_newlines=True):
         self.decoder = TextDecoder(tokenizer)
@@ -185,15 +191,24 @@ class SampleText:
         self.strip_newlines = strip_newlines
         self.generated = ""
         self.ids = []  # every sampled token id, in order
+        self.offsets, self.ends = [], []  # where each token's text starts and ends in `generated`
+        self.scores = []  # each token's log-probabilities (LlamaModel.logprobs), when asked for
         self.stop_reason = None
         self.shown = 0  # characters of text() already handed out
+        self.released = 0  # tokens already handed out with a piece
 
-    def add(self, token_id):
+    def add(self, token_id, score=None):
         self.ids.append(token_id)
+        if score is not None:
+            self.scores.append(score)
         if token_id == self.end_token:
+            self.offsets.append(len(self.generated))
             self.stop_reason = "end_token"
         else:
-            self._append(self.decoder.add(token_id))
+            text, at = self.decoder.add_at(token_id)
+            self.offsets.append(len(self.generated) + at)
+            self._append(text)
+        self.ends.append(len(self.generated))
 
     def finish(self):
         if self.stop_reason is None:
@@ -208,56 +223,105 @@ class SampleText:
         while hits := [(i, m) for m in self.markers if (i := self.generated.find(m, start)) >= 0]:
             i, m = min(hits, key=lambda hit: (hit[0], hit[1] not in self.stops))
             if m == START_OF_TEXT and m not in self.stops and not self.generated[:i].strip():
-                self.generated, start = self.generated[i + len(m):], 0
+                self._drop(i + len(m))
+                start = 0
                 continue
             self.generated = self.generated[:i]
             self.stop_reason = "truncate" if m in self.stops else "end_token"
             break
 
-    def text(self):
-        """The text so far, holding back an ending that could still become a stop marker, and blanks
-        alone (a <|startoftext|> after them would drop them)."""
+    def _drop(self, k):
+        """The first k characters are not the answer's: the tokens that start in them go too (offsets < 0)."""
+        self.generated = self.generated[k:]
+        self.offsets = [o - k for o in self.offsets]
+        self.ends = [e - k for e in self.ends]
+
+    def _visible(self):
+        """The generated text so far, holding back an ending that could still become a stop marker, and
+        blanks alone (a <|startoftext|> after them would drop them)."""
         g = self.generated
         if self.stop_reason is None:
             hold = max((k for m in self.markers for k in range(1, len(m)) if g.endswith(m[:k])), default=0)
             g = g[:len(g) - hold]
             g = g if g.strip() else ""
-        text = self.head + g
+        return g
+
+    def text(self):
+        """The text so far (see _visible)."""
+        text = self.head + self._visible()
         return text.lstrip("\n") if self.strip_newlines else text
 
+    def held(self):
+        """The tokens the answer holds (see the class), as a range of indices into ids."""
+        n = bisect.bisect_left(self.offsets, len(self.generated))
+        ended = self.stop_reason == "end_token" and n == len(self.ids) - 1 and self.ids[-1] == self.end_token
+        return range(self._first(), n + ended)
+
+    def _first(self):
+        return bisect.bisect_left(self.offsets, 0)  # tokens before it were dropped (_drop)
+
     def new_piece(self):
+        """The text after what was handed out, as a Piece whose `tokens` are the range of the tokens
+        (indices into ids) whose whole text it completes, or at the end every token held."""
         text = self.text()
-        piece, self.shown = text[self.shown:], len(text)
+        piece = Piece(text[self.shown:])
+        if self.stop_reason:
+            released = self.held().stop
+        else:
+            visible = len(self._visible())
+            released = min(bisect.bisect_left(self.offsets, visible), bisect.bisect_right(self.ends, visible))
+        first = max(self.released, self._first())
+        piece.tokens, self.shown, self.released = range(first, max(first, released)), len(text), released
         return piece
+
+
+class Piece(str):
+    """A piece of a sample's text, and the range of its tokens (SampleText.new_piece)."""
+    tokens = range(0)
 
 
 class Generation:
     """One request. Iterating runs the model one token at a time and yields the new text of the
-    first sample (possibly ""); afterwards `result` holds the answer. The prompt and every sample's
-    tokens share the model's n_ctx positions (app.params.prompt_for checks it)."""
+    first sample (a Piece, possibly ""); afterwards `result` holds the answer. The prompt and every
+    sample's tokens share the model's n_ctx positions (app.params.prompt_for checks it).
+
+    With `logprobs` (k, 0 to 5) each sampled token gets its log-probabilities (SampleText.scores:
+    LlamaModel.logprobs', k likeliest); with `score_prompt`, each prompt token but the first too
+    (prompt_scores), the prompt computed in chunks (LlamaModel.score). A length of 0 samples nothing."""
 
     def __init__(self, model, prompt, *, prefix, length, temperature, top_k, top_p, seed, nsamples,
-                 truncate, include_prefix, strip_newlines=True):
+                 truncate, include_prefix, strip_newlines=True, logprobs=None, score_prompt=False):
         self.model, self.prompt, self.length = model, prompt, length
         self.samplers = samplers(temperature, top_k, top_p, seed, nsamples)
         self.samples = [SampleText(model.tokenizer, prefix, include_prefix, truncate, strip_newlines)
                         for _ in range(nsamples)]
+        self.logprobs, self.score_prompt = logprobs, score_prompt
+        self.prompt_scores = [None]  # the first prompt token has nothing before it to be scored on
+        self.stop = threading.Event()  # set when nobody waits for the answer any more (app.gate.steps)
         self.result = None
 
+    def _read_prompt(self, i, output):
+        if i + 1 < len(self.prompt):
+            self.prompt_scores.append(self.model.llama.logprobs(output, self.prompt[i + 1], self.logprobs or 0))
+
     def __iter__(self):
-        llama, samples = self.model.llama, self.samples
+        llama, samples, k = self.model.llama, self.samples, self.logprobs
         B, T = len(samples), len(self.prompt)
         with self.model.lock:
             started = time.perf_counter()
-            llama.prompt(self.prompt)
+            if self.score_prompt:  # long: it stops between chunks when its client is gone
+                if not llama.score(self.prompt, self._read_prompt, self.stop.is_set):
+                    return
+            else:
+                llama.prompt(self.prompt)
             if B > 1:  # same prompt for every sample: computed once, shared
                 llama.fork(B)
             outputs = [-1] * B  # every sample draws from the prompt's last logits first
             for step in range(self.length):
                 tokens = [llama.sample(sampler, output) for sampler, output in zip(self.samplers, outputs)]
-                for s, t in zip(samples, tokens):
+                for s, t, output in zip(samples, tokens, outputs):  # the raw logits: samplers work on copies
                     if s.stop_reason is None:
-                        s.add(t)
+                        s.add(t, None if k is None else llama.logprobs(output, t, k))
                 if all(s.stop_reason for s in samples) or step + 1 == self.length:
                     break
                 yield samples[0].new_piece()
@@ -268,7 +332,7 @@ class Generation:
             seconds = time.perf_counter() - started
         yield samples[0].new_piece()
         texts = [s.text() for s in samples]
-        self.result = {"text": texts[0], "tokens": sum(len(s.ids) for s in samples),
+        self.result = {"text": texts[0], "tokens": sum(len(s.held()) for s in samples),
                        "stop_reason": samples[0].stop_reason, "seconds": round(seconds, 3)}
         if B > 1:
             self.result["texts"] = texts

@@ -142,6 +142,7 @@ async def steps(request, generation, gate, every_piece=True):
                 yield piece
     finally:
         stop.set()
+        generation.stop.set()  # a long prompt being scored stops at its next chunk
         timing.done()
 
 

@@ -14,7 +14,9 @@ Threads: give it only CPUs that are the server's alone: ggml's threads wait for 
 operation by spinning, so a thread that is not scheduled stalls every token (measured: 50-100 ms a
 token instead of 1-2 with 2 threads on a busy 2-core machine).
 """
+import array
 import ctypes
+import math
 import importlib
 import importlib.util
 import sys
@@ -38,6 +40,7 @@ L = _bindings()
 
 
 GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum ggml_log_level
+SCORE_CHUNK = 64  # positions a prompt is scored in at a time (LlamaModel.score): 12.9 MB of logits at 50,257 tokens
 
 
 class LlamaError(Exception):
@@ -84,6 +87,7 @@ class LlamaModel:
             raise LlamaError(f"llama.cpp cannot make a context for {path}: {' '.join(_errors) or 'out of memory?'}")
         self.memory = L.llama_get_memory(self.ctx)
         self.batch = L.llama_batch_init(n_ctx, 0, 1)
+        self.scores = None  # made at the first request for log-probabilities
 
     def _decode(self, tokens, positions, seqs, outputs):
         """Run the model on a batch; the logits of the positions flagged in `outputs` stay in the
@@ -109,6 +113,30 @@ class LlamaModel:
         L.llama_memory_clear(self.memory, False)
         self._decode(ids, range(n), [0] * n, [all_logits] * (n - 1) + [True])
 
+    def score(self, ids, read, stopped):
+        """prompt(ids), with every position's logits: decoded SCORE_CHUNK positions at a time, and
+        read(i, output) called for position i (its logits are `output` of the last decode: see
+        `logprobs`) before the next chunk, so that no
+        more than SCORE_CHUNK rows are held at once (the context's output buffer grows to the most
+        outputs one decode asked for: a whole 1,024-token prompt's would be 206 MB at GPT-2's vocabulary).
+        Between chunks, stopped() true ends it: False is returned."""
+        L.llama_memory_clear(self.memory, False)
+        for start in range(0, len(ids), SCORE_CHUNK):
+            if start and stopped():
+                return False
+            chunk = ids[start:start + SCORE_CHUNK]
+            self._decode(chunk, range(start, start + len(chunk)), [0] * len(chunk), [True] * len(chunk))
+            for j in range(len(chunk)):
+                read(start + j, j)
+        return True
+
+    def logprobs(self, output, token, k):
+        """(log-probability of `token`, [(id, log-probability)] of the k likeliest tokens, likeliest first)
+        under the log-softmax of output `output`'s raw logits (-1: the last of the last decode). See Scores."""
+        if self.scores is None:
+            self.scores = Scores(self.n_vocab)
+        return self.scores(L.llama_get_logits_ith(self.ctx, output), token, k)
+
     def fork(self, n_seqs):
         """Sequences 1..n_seqs-1 continue from sequence 0's prompt (shared cache cells, no copy)."""
         for seq in range(1, n_seqs):
@@ -119,12 +147,13 @@ class LlamaModel:
         n = len(tokens)
         self._decode(tokens, [pos] * n, range(n), [True] * n)
 
-    def tokenize(self, text):
-        """GPT-2's byte-level BPE of `text` with the model's vocabulary: no special tokens (an
-        "<|endoftext|>" in the text is ordinary pieces) and none added."""
+    def tokenize(self, text, special=False):
+        """GPT-2's byte-level BPE of `text` with the model's vocabulary, none added: by default no
+        special tokens (an "<|endoftext|>" in the text is ordinary pieces); with `special`, an
+        "<|endoftext|>" is the end token, as Hugging Face's tokenizers read it."""
         data = text.encode("utf-8")
         ids = (L.llama_token * (len(data) + 1))()  # a token is at least one byte
-        n = L.llama_tokenize(self.vocab, data, len(data), ids, len(ids), False, False)
+        n = L.llama_tokenize(self.vocab, data, len(data), ids, len(ids), False, special)
         if n < 0:
             raise LlamaError(f"llama_tokenize failed ({n})")
         return ids[:n]
@@ -150,6 +179,44 @@ class LlamaModel:
             L.llama_free(self.ctx)
         if getattr(self, "model", None):
             L.llama_model_free(self.model)
+
+
+class Scores:
+    """Log-probabilities of one position's logits, computed by llama.cpp's own samplers (no NumPy):
+    its `dist` sampler turns the logits into probabilities (softmax, float32), then `top_k` brings the
+    k likeliest first. log-sum-exp = the likeliest's logit - log(its probability), which is never
+    small (at least 1/n_vocab, so float32 keeps it to ~1e-7), and each log-probability is a logit minus
+    that, in double precision. The logits are copied into the samplers' token array with two strided
+    copies, never through Python floats: 9 times faster than log-softmax in plain Python (measured:
+    2.4 against 21 ms a position at GPT-2's vocabulary, on a busy 2-core machine)."""
+
+    def __init__(self, n_vocab):
+        self.n = n_vocab
+        self.data = (L.llama_token_data * n_vocab)()  # {id: int32, logit: float, p: float}
+        raw = memoryview(self.data).cast("B")
+        self.ids_view, self.floats_view = raw.cast("i"), raw.cast("f")
+        self.ids = array.array("i", range(n_vocab))
+        self.softmax = L.llama_sampler_init_dist(0)  # its draw is not used
+        self.top = {}
+
+    def __call__(self, logits, token, k):
+        n = self.n
+        self.ids_view[0::3] = self.ids  # the samplers reorder the array: ids afresh each time
+        self.floats_view[1::3] = memoryview((ctypes.c_float * n).from_address(
+            ctypes.addressof(logits.contents))).cast("B").cast("f")
+        chosen = self.floats_view[3 * token + 1]
+        candidates = L.llama_token_data_array(data=self.data, size=n, selected=-1, sorted=False)
+        L.llama_sampler_apply(self.softmax, ctypes.byref(candidates))
+        top = self.top.get(k) or self.top.setdefault(k, L.llama_sampler_init_top_k(max(k, 1)))
+        L.llama_sampler_apply(top, ctypes.byref(candidates))
+        first = candidates.data[0]
+        total = first.logit - math.log(first.p)
+        return chosen - total, [(candidates.data[j].id, candidates.data[j].logit - total) for j in range(k)]
+
+    def __del__(self):
+        for sampler in [getattr(self, "softmax", None), *getattr(self, "top", {}).values()]:
+            if sampler:
+                L.llama_sampler_free(sampler)
 
 
 class Sampler:

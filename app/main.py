@@ -2,7 +2,7 @@
 below, in layers that import only downward:
 
     main            this file: composition only
-    native, openai_api, v2, generate, openapi    the protocols, side by side (none imports another)
+    native, openai_api, v2, generate, tokenizer_api, openapi    the protocols, side by side (none imports another)
     answers         what a generation request gets back: one place for busy, shutting down, gone, failed
     auth, tracing                      API keys; trace-correlated logs
     gate, http, middleware, schema     one generation at a time; HTTP plumbing; request log and headers;
@@ -30,7 +30,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from app import auth, generate, logs, metrics, native, openai_api, openapi, tracing, v2
+from app import auth, generate, logs, metrics, native, openai_api, openapi, tokenizer_api, tracing, v2
 from app.engine import GPT2, MAX_NSAMPLES, MODEL_DIR
 from app.gate import Gate
 from app.http import error_handlers
@@ -93,11 +93,14 @@ def keyed(endpoint, shape):
 routes = [
     Route("/", keyed(native.generate, native.shape), methods=["GET", "HEAD", "POST"]),
     Route("/limits", native.limits_route, methods=["GET"]),
-    Route("/openapi.json", openapi.route(native.paths, openai_api.paths, v2.paths, generate.paths,
+    Route("/openapi.json", openapi.route(native.paths, openai_api.paths, v2.paths, generate.paths, tokenizer_api.paths,
                                          *([metrics.paths] if METRICS else [])), methods=["GET"]),
     Route("/v1/completions", keyed(openai_api.completions, openai_api.shape), methods=["POST"]),
     Route("/v1/models", openai_api.models, methods=["GET"]),
     Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
+    Route("/tokenizer_info", keyed(tokenizer_api.tokenizer_info, tokenizer_api.shape), methods=["GET"]),
+    Route("/tokenize", keyed(tokenizer_api.tokenize, tokenizer_api.shape), methods=["POST"]),
+    Route("/detokenize", keyed(tokenizer_api.detokenize, tokenizer_api.shape), methods=["POST"]),
     Route("/v2", v2.server_metadata, methods=["GET"]),
     Route("/v2/health/live", v2.live, methods=["GET"]),
     Route("/v2/health/ready", v2.ready, methods=["GET"]),
@@ -126,6 +129,7 @@ middleware = [
 # 404, 405 and 500 answer in the shape of the protocol whose path was asked.
 exception_handlers = error_handlers(
     [("/v1/", openai_api.shape), ("/v2", v2.shape), ("", native.shape)],
-    api="/ (GET, POST, HEAD), /limits, /ui/, /openapi.json, /metrics, /v1/completions, /v1/models and /v2")
+    api="/ (GET, POST, HEAD), /limits, /ui/, /openapi.json, /metrics, /v1/completions, /v1/models, /tokenize, "
+        "/detokenize, /tokenizer_info and /v2")
 
 app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=exception_handlers)

@@ -216,12 +216,15 @@ def given_prefix(text):
     return {"prefix": text} if text else {}
 
 
-def prompt_for(model, values, texts=1):
-    """The prefix as token ids (gpt-2-simple starts from <|endoftext|> without one), checked against n_ctx:
+def prompt_for(model, values, texts=1, ids=None):
+    """The prefix as token ids (gpt-2-simple starts from <|endoftext|> without one), or the token ids
+    `ids` given instead, checked against n_ctx:
     a request's samples (nsamples) of all its texts (V2 sends several) share n_ctx tokens, each one's
     prefix included, which bounds a request's memory (its share of the key/value cache) and its time."""
     prefix, shares = values["prefix"], values["nsamples"] * texts
-    if not prefix:
+    if ids is not None:
+        prompt = ids
+    elif not prefix:
         prompt = [model.tokenizer.end_token]
     else:
         prompt = model.tokenizer.encode(prefix)
@@ -233,7 +236,7 @@ def prompt_for(model, values, texts=1):
         f"{context} tokens with {sharing} (the model's context, {model.n_ctx}, shared by the " \
         f"{'samples' if texts == 1 else 'texts'})"
     room = context - len(prompt)
-    if room < 1:
+    if room < min(values["length"], 1):  # a length of 0 (scoring the prompt, /v1's echo) may fill the context
         raise ParamError(f"prefix is {len(prompt)} tokens; prefix and length together can be at most {budget}",
                          "prefix")
     if values["length"] > room:

@@ -37,8 +37,8 @@ class Tokenizer:
     def end_token(self):
         return self._vocabulary().end_token
 
-    def encode(self, text):
-        return self._vocabulary().tokenize(text)
+    def encode(self, text, special=False):
+        return self._vocabulary().tokenize(text, special)
 
     def token_bytes(self, token_id):
         """The bytes `token_id` stands for; b"" for an id outside the vocabulary."""
@@ -61,6 +61,18 @@ class TextDecoder:
 
     def add(self, token_id):
         return self._utf8.decode(self._bytes(token_id))
+
+    def add_at(self, token_id):
+        """add's text, and where in it the token's own text starts: after the replacement characters
+        of an unfinished character the token's bytes broke off, if any; at 0 when the token finishes a
+        character (or is part of one)."""
+        data = self._bytes(token_id)
+        text = self._utf8.decode(data)
+        try:
+            own = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return text, 0
+        return text, len(text) - len(own) if own and text.endswith(own) else 0
 
     def flush(self):
         return self._utf8.decode(b"", final=True)

@@ -114,3 +114,17 @@ def test_bad_llama_server_option_is_one_line_error(tmp_path, args, message):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and message in proc.stderr
     assert not (tmp_path / "serve.json").exists()
+
+
+def test_scoring_bench_writes_its_table_chart_and_json(tmp_path):
+    """bench/scoring.py --quick: every mode timed, both peaks measured (no timing thresholds)."""
+    proc = subprocess.run([sys.executable, "bench/scoring.py", "--quick", "--repeats", "1", "--out", str(tmp_path),
+                           "--models", str(ROOT / "tests" / "out" / "bench-models")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "scoring.json").read_text())
+    assert list(results["times"]) == ["forward pass only", "logprobs 0", "logprobs 5"]
+    assert all(len(t["cpu"]) == len(t["wall"]) == 1 and t["wall"][0] > 0 for t in results["times"].values())
+    assert all(m["peak"] >= m["before"] > 0 for m in results["memory"].values()) and len(results["memory"]) == 2
+    assert (tmp_path / "scoring.md").read_text().strip() in proc.stdout
+    assert matplotlib.image.imread(tmp_path / "scoring.png").shape[2] in (3, 4)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 APP = Path(__file__).resolve().parent.parent / "app"
-PROTOCOLS = {"app.native", "app.openai_api", "app.v2", "app.generate", "app.openapi"}
+PROTOCOLS = {"app.native", "app.openai_api", "app.v2", "app.tokenizer_api", "app.generate", "app.openapi"}
 
 
 def imports():

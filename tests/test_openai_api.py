@@ -94,12 +94,18 @@ def test_stop(client):
     ({"temperature": 2.5}, "temperature"),
     ({"n": 9}, "n"),
     ({"seed": -1}, "seed"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"logprobs": 2}, "logprobs"),
+    ({"stop": [f"s{i}" for i in range(17)]}, "stop"),  # 16 at most
+    ({"logprobs": 6}, "logprobs"),  # 5 at most, as OpenAI's
+    ({"logprobs": True}, "logprobs"),
+    ({"max_tokens": 0}, "max_tokens"),  # scoring the prompt only: with echo
+    ({"extra_body": {"metadata": "x"}}, "metadata"),
     ({"best_of": 3}, "best_of"),
     ({"suffix": "and then"}, "suffix"),
     ({"stream": True, "n": 2}, "n"),
-    ({"prompt": ["one", "two"]}, "prompt"),
+    ({"prompt": [1, 2, 99999]}, "prompt"),  # outside the vocabulary
+    ({"prompt": []}, "prompt"),
+    ({"prompt": ["one", [1, 2]]}, "prompt"),
+    ({"prompt": ["one", "two"], "stream": True}, "prompt"),
     ({"extra_body": {"top_k": 3}}, "top_k"),
     ({"max_tokens": 1022}, "max_tokens"),  # with the prompt's 5 tokens it is past n_ctx
 ])
@@ -111,7 +117,8 @@ def test_refusals_are_bad_request_errors_naming_the_parameter(client, params, pa
 
 
 def test_neutral_values_of_unsupported_parameters_are_accepted(client):
-    c = complete(client, seed=1, best_of=1, presence_penalty=0, frequency_penalty=0, logit_bias={}, user="me")
+    c = complete(client, seed=1, best_of=1, presence_penalty=0, frequency_penalty=0, logit_bias={}, user="me",
+                 extra_body={"metadata": {"team": "eval"}}, stop=[f"never{i}" for i in range(16)])
     assert c.choices[0].text == complete(client, seed=1).choices[0].text
 
 

@@ -64,4 +64,4 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_response(server,
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
-    assert "Tested: 17" in output and "generated" in output
+    assert "Tested: 20" in output and "generated" in output

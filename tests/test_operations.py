@@ -240,7 +240,8 @@ def test_openapi_says_which_operations_need_a_key(keyed, server):
                         if "security" in operation}
     assert keyed_operations == {("/", "get"), ("/", "post"), ("/v1/completions", "post"),
                                 ("/v2/models/{name}/infer", "post"), ("/v2/models/{name}/generate", "post"),
-                                ("/v2/models/{name}/generate_stream", "post")}
+                                ("/v2/models/{name}/generate_stream", "post"), ("/tokenize", "post"),
+                                ("/detokenize", "post"), ("/tokenizer_info", "get")}
     error = spec["paths"]["/v1/completions"]["post"]["responses"]["401"]["content"]["application/json"]["schema"]
     assert error["required"] == ["error"] and "message" in error["properties"]["error"]["properties"]
     assert "components" not in httpx.get(server.url + "/openapi.json", timeout=10).json()  # no keys: all open
