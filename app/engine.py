@@ -174,9 +174,9 @@ class SampleText:
     when include_prefix is false, leading newlines stripped (unless strip_newlines is false: an
     OpenAI completion is exactly what was generated). Unlike gpt-2-simple it stops at the first
     `truncate` (a string, or a list of strings: the first of any) or "<|endoftext|>" in the generated
-    text, or when the end token is sampled; and a "<|startoftext|>" begins another text: it ends this
-    one, unless nothing but blanks came before it (the model opening the text again: dropped, with
-    its tokens).
+    text, or when the end token is sampled; and (but in an OpenAI completion) a "<|startoftext|>"
+    begins another text: it ends this one, unless nothing but blanks came before it (the model opening
+    the text again: dropped, with its tokens).
 
     The tokens the answer holds (`held`) are those whose text it holds, a stop string cutting the
     rest, and the end token that ended it; each token's offset is where its text starts in the
@@ -187,7 +187,9 @@ class SampleText:
         self.end_token = tokenizer.end_token
         self.head = prefix if include_prefix else ""
         self.stops = [truncate] if isinstance(truncate, str) else list(truncate or [])
-        self.markers = [m for m in (*self.stops, END_OF_TEXT, START_OF_TEXT) if m]
+        # An OpenAI completion is exactly what was generated: a <|startoftext|> in it is text.
+        texts = [START_OF_TEXT] if strip_newlines else []
+        self.markers = [m for m in (*self.stops, END_OF_TEXT, *texts) if m]
         self.strip_newlines = strip_newlines
         self.generated = ""
         self.ids = []  # every sampled token id, in order
@@ -222,7 +224,7 @@ class SampleText:
         self.generated += text
         while hits := [(i, m) for m in self.markers if (i := self.generated.find(m, start)) >= 0]:
             i, m = min(hits, key=lambda hit: (hit[0], hit[1] not in self.stops))
-            if m == START_OF_TEXT and m not in self.stops and not self.generated[:i].strip():
+            if m == START_OF_TEXT and m not in self.stops and not self.generated[:i].strip():  # opened again
                 self._drop(i + len(m))
                 start = 0
                 continue
