@@ -2,6 +2,7 @@
 the best one (best.json), and deleting one. Only base names inside the run folder are read or
 deleted: a copied folder never touches the original's files."""
 import json
+import math
 import os
 import re
 
@@ -51,16 +52,29 @@ def step(prefix):
 
 
 def read_best(folder):
-    """best.json's checkpoint, if its files are still there."""
+    """best.json's record ({"checkpoint": a base name, "step", "val_loss"}) if its checkpoint's files
+    are in folder, else None. A file training cannot have written raises UsageError (a resume would
+    otherwise fail at its first measurement, or delete what it names)."""
     path = os.path.join(folder, BEST_FILE)
+    if not os.path.exists(path):
+        return None
     try:
         with open(path, encoding="utf-8") as f:
             best = json.load(f)
-        if os.path.isfile(os.path.join(folder, best["checkpoint"] + ".index")):
-            return best
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
+    except ValueError:  # not JSON, not UTF-8
+        best = None
+    fix = "delete it (the next validation loss measured names the best again) or restore it"
+    if not isinstance(best, dict):
+        raise UsageError(f"{path} is not a JSON object as training writes it: {fix}")
+    name, step, val_loss = best.get("checkpoint"), best.get("step"), best.get("val_loss")
+    if not (isinstance(name, str) and type(step) is int and type(val_loss) in (int, float)
+            and math.isfinite(val_loss)):
+        raise UsageError(f"{path} holds checkpoint {name!r}, step {step!r}, val_loss {val_loss!r}: "
+                         f"not a checkpoint name, a step and a finite validation loss; {fix}")
+    name = os.path.basename(name)  # only this folder's own files, as for the `checkpoint` file
+    if name in ("", ".", "..") or not os.path.isfile(os.path.join(folder, name + ".index")):
+        return None
+    return {**best, "checkpoint": name}
 
 
 def delete(folder, name):

@@ -63,6 +63,9 @@ def chosen_checkpoint(run_dir, which="best"):
         return latest, step, None, f"the latest checkpoint ({name}, the best, is missing)"
     if name == latest:
         return name, best_step, val_loss, "the lowest validation loss, at the latest checkpoint"
+    if logged_val_loss(run_dir, step) is None:  # never measured: not known to be worse
+        return name, best_step, val_loss, (f"the lowest validation loss measured (the latest, {latest}, "
+                                           "was not measured)")
     return name, best_step, val_loss, f"the lowest validation loss (the latest, {latest}, is not better)"
 
 

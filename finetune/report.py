@@ -23,7 +23,7 @@ import numpy as np
 from finetune import UsageError, memorization
 from finetune.arguments import positive_int, seed_number
 from finetune.files import atomic_write_text
-from finetune.validation import WINDOWS_FILE
+from finetune.validation import recorded_windows
 
 MIN_CHARS = 50
 WARN_CHARS = 100
@@ -82,6 +82,7 @@ def make_report(run_dir, dataset=None, samples=20, length=200, seed=1):
     except ModelError as e:
         raise ModelUnusable(str(e)) from None
     manifest = model.manifest
+    windows = recorded_windows(run_dir, model.n_vocab, model.n_ctx)  # checked before the samples' minutes
 
     started = time.time()
     texts, sampling = generate(model, samples, length, seed)
@@ -100,9 +101,7 @@ def make_report(run_dir, dataset=None, samples=20, length=200, seed=1):
     share_long = sum(n >= WARN_CHARS for n in longest) / len(texts)
 
     perplexity = None
-    windows_path = os.path.join(run_dir, WINDOWS_FILE)
-    if os.path.exists(windows_path):
-        windows = np.load(windows_path)
+    if windows is not None and len(windows):  # none: null, not NaN (report.json stays JSON)
         export_loss = heldout_loss(model, windows)
         checkpoint_loss = manifest.get("val_loss")
         perplexity = {

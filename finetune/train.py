@@ -27,7 +27,8 @@ from gpt_2_simple.src.accumulate import AccumulatingOptimizer
 from gpt_2_simple.src.load_dataset import Sampler, load_dataset
 from tqdm import tqdm
 
-from finetune import UsageError, blocks, checkpoints, fit, loss_log, optimizer, precision, recompute, validation
+from finetune import (UsageError, blocks, checkpoints, fit, loss_log, optimizer, precision, recompute, text_format,
+                      validation)
 from finetune.device import Device, start_session
 from finetune.files import atomic_write_text, partial_dir, replace_dir
 
@@ -175,10 +176,15 @@ class Trainer:
         fit.check(self.hparams, fit.Options.from_args(args, self.window, self.precision), self.device.memory,
                   "this GPU" if self.device.gpu else "this machine", cpu=not self.device.gpu,
                   name=None if args.from_scratch else args.model)
+        # A resume reads (and checks) every record of the run before it writes any.
+        self.best = checkpoints.read_best(self.dir) if self.dir == self.run_dir else None
         print(f"Loading dataset {args.dataset}")
         text = None if is_npz(args.dataset) else read_text(args.dataset)
         val_text = read_text(args.val_dataset) if args.val_dataset else None
-        self.split, self.val_windows = validation.plan(args, text, val_text, self.enc, self.window, self.dir)
+        self.split, self.val_windows = validation.plan(args, text, val_text, self.enc, self.window, self.dir,
+                                                       self.hparams)
+        if self.val_windows is None and args.early_stop:
+            print(f"warning: --early-stop {args.early_stop} does nothing: validation is off", file=sys.stderr)
         try:
             if self.split and self.split.text is not None:
                 chunks = [np.array(self.enc.encode(self.split.text), dtype=np.int32)]
@@ -194,8 +200,9 @@ class Trainer:
                 f"{self.window} per window")
         self.sampler = Sampler(chunks)
         print(f"dataset has {total} tokens")
-        if self.split:
+        if self.val_windows is not None:
             validation.record(self.dir, self.split.hashes, self.val_windows, self.split.info)
+        text_format.write(self.dir, args.dataset, text)
 
     def build(self):
         args, hparams = self.args, self.hparams
@@ -257,7 +264,6 @@ class Trainer:
             # The Saver prunes (deletes) what it recovers: only this folder's own files.
             self.saver.recover_last_checkpoints(checkpoints.own(self.dir)[1])
             self.rows = [r for r in loss_log.read(self.dir) if r[0] <= self.start]
-            self.best = checkpoints.read_best(self.dir)
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self):
