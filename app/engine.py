@@ -56,7 +56,7 @@ def best_checkpoint(run_dir):
     """The checkpoint training kept for its lowest validation loss (best.json), which the export is
     made from when there is one; else None."""
     try:
-        return json.loads((run_dir / "best.json").read_text(encoding="utf-8"))["checkpoint"]
+        return Path(json.loads((run_dir / "best.json").read_text(encoding="utf-8"))["checkpoint"]).name
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

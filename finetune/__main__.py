@@ -213,8 +213,8 @@ def run(args):
     # folders are cleaned up.
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     if args.require_gpu:
-        from finetune import train
-        train.require_gpu()  # in the first seconds, not after hours billed for a GPU
+        from finetune import device
+        device.require_gpu()  # in the first seconds, not after hours billed for a GPU
     from finetune.files import run_lock
     with run_lock(args.checkpoint_dir, args.run_name):
         if not any((path or "").startswith("gs://") for path in (args.dataset, args.val_dataset)):

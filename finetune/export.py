@@ -58,13 +58,17 @@ def chosen_checkpoint(run_dir, which="best"):
     try:
         with open(os.path.join(run_dir, "best.json"), encoding="utf-8") as f:
             best = json.load(f)
-        name, best_step, val_loss = best["checkpoint"], int(best["step"]), float(best["val_loss"])
+        # a base name in this folder, whatever best.json says (as the `checkpoint` file is read)
+        name, best_step, val_loss = os.path.basename(best["checkpoint"]), int(best["step"]), float(best["val_loss"])
     except (OSError, ValueError, KeyError, TypeError):
         return latest, step, None, "the latest checkpoint (no validation loss was measured)"
     if not os.path.isfile(os.path.join(run_dir, name + ".index")):
         return latest, step, None, f"the latest checkpoint ({name}, the best, is missing)"
     if name == latest:
         return name, best_step, val_loss, "the lowest validation loss, at the latest checkpoint"
+    if logged_val_loss(run_dir, step) is None:  # never measured: not known to be worse
+        return name, best_step, val_loss, (f"the lowest validation loss measured (the latest, {latest}, "
+                                           "was not measured)")
     return name, best_step, val_loss, f"the lowest validation loss (the latest, {latest}, is not better)"
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from finetune import UsageError, memorization, text_format
 from finetune.arguments import positive_int, seed_number
 from finetune.files import atomic_write_text
-from finetune.validation import WINDOWS_FILE
+from finetune.validation import recorded_windows
 
 MIN_CHARS = 50
 WARN_CHARS = 100
@@ -105,6 +105,7 @@ def make_report(run_dir, dataset=None, samples=SAMPLES, length=200, seed=1):
     manifest = model.manifest
     # An export made before the run recorded its text format: the corpus's markers tell.
     texts_are = manifest.get("text_format") or text_format.read(run_dir, dataset)
+    windows = recorded_windows(run_dir, model.n_vocab, model.n_ctx)  # checked before the samples' minutes
 
     started = time.time()
     texts, sampling, prompt = generate(model, samples, length, seed, texts_are)
@@ -124,9 +125,7 @@ def make_report(run_dir, dataset=None, samples=SAMPLES, length=200, seed=1):
     empty = [i + 1 for i, text in enumerate(texts) if not text.strip()]
 
     perplexity = None
-    windows_path = os.path.join(run_dir, WINDOWS_FILE)
-    if os.path.exists(windows_path):
-        windows = np.load(windows_path)
+    if windows is not None and len(windows):  # none: null, not NaN (report.json stays JSON)
         export_loss = heldout_loss(model, windows)
         checkpoint_loss = manifest.get("val_loss")
         perplexity = {

@@ -7,6 +7,8 @@ server and the memorization report start there by default, so that every sample 
 import json
 import os
 
+from finetune.files import atomic_write_text
+
 START, END = "<|startoftext|>", "<|endoftext|>"
 DELIMITED, PLAIN = "delimited", "plain"
 RECORD = "corpus.json"  # in the run folder: {"text_format", "dataset", "source"}
@@ -30,3 +32,18 @@ def read(run_dir, dataset=None):
         with open(dataset, encoding="utf-8", errors="replace") as f:
             return detect(f.read())
     return PLAIN
+
+
+def write(run_dir, dataset_path, text):
+    """Write RUN/corpus.json for the corpus at dataset_path: its format (text is the corpus's text,
+    None for a .npz: plain), its base name, and the content of DATASET.meta.json (the query
+    data.extract wrote it with) when that file exists and is JSON, else null."""
+    dataset_path, source = os.path.normpath(dataset_path), None
+    try:
+        with open(dataset_path + ".meta.json", encoding="utf-8") as f:
+            source = json.load(f)
+    except (OSError, ValueError):
+        pass
+    record = {"text_format": PLAIN if text is None else detect(text),
+              "dataset": os.path.basename(dataset_path), "source": source}
+    atomic_write_text(os.path.join(run_dir, RECORD), json.dumps(record, indent=1) + "\n")

@@ -7,8 +7,6 @@ Colab notebook continues here and ours continues there. The loop itself is ours 
 gpt_2_simple.finetune cannot show a progress bar, write loss.csv, put samples in the run folder,
 stop cleanly on SIGTERM, or train models with fewer than 1024 positions.
 """
-import csv
-import io
 import json
 import math
 import os
@@ -27,10 +25,11 @@ import tensorflow as tf
 from gpt_2_simple.src import encoder, model, sample
 from gpt_2_simple.src.accumulate import AccumulatingOptimizer
 from gpt_2_simple.src.load_dataset import Sampler, load_dataset
-from tensorflow.core.protobuf import rewriter_config_pb2
 from tqdm import tqdm
 
-from finetune import UsageError, blocks, fit, optimizer, precision, recompute, validation
+from finetune import (UsageError, blocks, checkpoints, fit, loss_log, optimizer, precision, recompute, text_format,
+                      validation)
+from finetune.device import Device, start_session
 from finetune.files import atomic_write_text, partial_dir, replace_dir
 
 # gpt-2-simple's modules are TF1 graph code (placeholders, sessions); TF 2 starts in eager mode.
@@ -38,7 +37,6 @@ tf.compat.v1.disable_eager_execution()
 tf.get_logger().setLevel("ERROR")  # TF's deprecation notices are not news to the user
 
 TOKENIZER_FILES = ["hparams.json", "encoder.json", "vocab.bpe"]
-BEST_FILE = "best.json"  # the checkpoint with the lowest validation loss (read by export and the server)
 ESTIMATE_AFTER = 3  # steps before the time-left estimate (the first one is not typical)
 FP16_RETRIES = 10  # float16 steps whose loss overflowed before it counts as diverged
 
@@ -75,70 +73,6 @@ def read_text(path):
     return "<|endoftext|>".join(parts)
 
 
-def session_config():
-    """The configuration gpt_2_simple.start_tf_sess() uses."""
-    config = tf.compat.v1.ConfigProto()
-    config.gpu_options.allow_growth = True
-    config.graph_options.rewrite_options.layout_optimizer = rewriter_config_pb2.RewriterConfig.OFF
-    return config
-
-
-def start_session(precision_name="fp32"):
-    return tf.compat.v1.Session(config=precision.configure(session_config(), precision_name))
-
-
-class Device:
-    """What TensorFlow trains on: the first GPU it sees, else the CPU."""
-
-    def __init__(self):
-        from tensorflow.python.client import device_lib
-        gpus = [d for d in device_lib.list_local_devices(session_config=session_config())
-                if d.device_type == "GPU"]
-        self.gpu = bool(gpus)
-        self.capability = None  # a GPU's compute capability, (8, 9) for an L4
-        if gpus:  # physical_device_desc: "device: 0, name: NVIDIA L4, pci bus id: ..., compute capability: 8.9"
-            fields = dict(f.split(": ", 1) for f in gpus[0].physical_device_desc.split(", ") if ": " in f)
-            self.memory = gpus[0].memory_limit  # what TensorFlow may allocate on it
-            self.name = f"GPU: {fields.get('name', gpus[0].name)}, {self.memory / 2**30:.1f} GiB"
-            if "compute capability" in fields:
-                self.capability = tuple(int(n) for n in fields["compute capability"].split("."))
-        else:
-            self.memory = available_memory()
-            self.name = f"CPU, {len(os.sched_getaffinity(0))} threads"
-
-    def __str__(self):
-        return self.name
-
-
-def available_memory():
-    """Bytes this process may still allocate: MemAvailable, or less under a cgroup (container) limit."""
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as f:
-            used = int(f.read())
-        if limit != "max":
-            available = min(available, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return available
-
-
-def require_gpu():
-    """For jobs billed for a GPU: stop at once, in one line, when TensorFlow sees none."""
-    if not tf.config.list_physical_devices("GPU"):
-        info = tf.sysconfig.get_build_info()
-        built = (f"built for CUDA {info['cuda_version']}, cuDNN {info['cudnn_version']}"
-                 if info.get("is_cuda_build") else "a CPU-only build")
-        raise UsageError(f"a GPU was required (--require-gpu) but TensorFlow {tf.__version__} "
-                         f"({built}) sees none: check the driver with nvidia-smi")
-
-
 def duration(seconds):
     seconds = int(seconds)
     if seconds >= 3600:
@@ -165,7 +99,7 @@ def run(args, after_save=None):
     Ctrl-C/SIGTERM save, TrainingFailed when it cannot go on. after_save(run_dir) runs after
     every checkpoint (e.g. an upload)."""
     run_dir = os.path.abspath(os.path.join(args.checkpoint_dir, args.run_name))
-    latest = own_checkpoints(run_dir)[0] if args.restore_from == "latest" else None
+    latest = checkpoints.own(run_dir)[0] if args.restore_from == "latest" else None
     if latest:
         # Resume in place: every write below is a new file or an atomic replace, and the Saver
         # deletes the previous checkpoint only after the new one is complete.
@@ -187,7 +121,7 @@ def run(args, after_save=None):
             base = ensure_model(args.model_dir, args.model, args.model_url)
             for name in TOKENIZER_FILES:
                 shutil.copyfile(os.path.join(base, name), os.path.join(work_dir, name))
-            init_from = own_checkpoints(base)[0]
+            init_from = checkpoints.own(base)[0]
         return Trainer(args, run_dir, work_dir=work_dir, init_from=init_from, after_save=after_save).train()
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)  # gone already once promoted
@@ -242,10 +176,15 @@ class Trainer:
         fit.check(self.hparams, fit.Options.from_args(args, self.window, self.precision), self.device.memory,
                   "this GPU" if self.device.gpu else "this machine", cpu=not self.device.gpu,
                   name=None if args.from_scratch else args.model)
+        # A resume reads (and checks) every record of the run before it writes any.
+        self.best = checkpoints.read_best(self.dir) if self.dir == self.run_dir else None
         print(f"Loading dataset {args.dataset}")
         text = None if is_npz(args.dataset) else read_text(args.dataset)
         val_text = read_text(args.val_dataset) if args.val_dataset else None
-        self.split, self.val_windows = validation.plan(args, text, val_text, self.enc, self.window, self.dir)
+        self.split, self.val_windows = validation.plan(args, text, val_text, self.enc, self.window, self.dir,
+                                                       self.hparams)
+        if self.val_windows is None and args.early_stop:
+            print(f"warning: --early-stop {args.early_stop} does nothing: validation is off", file=sys.stderr)
         try:
             if self.split and self.split.text is not None:
                 chunks = [np.array(self.enc.encode(self.split.text), dtype=np.int32)]
@@ -261,8 +200,9 @@ class Trainer:
                 f"{self.window} per window")
         self.sampler = Sampler(chunks)
         print(f"dataset has {total} tokens")
-        if self.split:
+        if self.val_windows is not None:
             validation.record(self.dir, self.split.hashes, self.val_windows, self.split.info)
+        text_format.write(self.dir, args.dataset, text)
 
     def build(self):
         args, hparams = self.args, self.hparams
@@ -320,11 +260,10 @@ class Trainer:
         except (tf.errors.OpError, ValueError) as e:
             raise UsageError(f"cannot load checkpoint {self.init_from}: {first_line(e)}") from None
         if self.dir == self.run_dir:  # resuming: continue the counter and the loss curve
-            self.start = checkpoint_step(self.init_from)
+            self.start = checkpoints.step(self.init_from)
             # The Saver prunes (deletes) what it recovers: only this folder's own files.
-            self.saver.recover_last_checkpoints(own_checkpoints(self.dir)[1])
-            self.rows = [r for r in read_loss_csv(self.dir) if r[0] <= self.start]
-            self.best = read_best(self.dir)
+            self.saver.recover_last_checkpoints(checkpoints.own(self.dir)[1])
+            self.rows = [r for r in loss_log.read(self.dir) if r[0] <= self.start]
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self):
@@ -470,7 +409,7 @@ class Trainer:
         return float(loss)
 
     def kept(self):
-        latest = own_checkpoints(self.run_dir)[0] if self.dir == self.run_dir else None
+        latest = checkpoints.own(self.run_dir)[0] if self.dir == self.run_dir else None
         return f"{os.path.basename(latest)} in {self.run_dir} is untouched" if latest else "nothing was saved"
 
     # -- outputs -------------------------------------------------------------------------------
@@ -495,7 +434,7 @@ class Trainer:
                 raise TrainingFailed(f"cannot save model-{step} in {self.dir}: {os_reason(e)}; "
                                      f"{self.kept()}") from None
             atomic_write_text(os.path.join(self.dir, "counter"), f"{step}\n")
-            write_loss_files(self.dir, self.rows, run_name=os.path.basename(self.run_dir))
+            loss_log.write(self.dir, self.rows, run_name=os.path.basename(self.run_dir))
             if best_val_loss is not None:
                 self.keep_best(step, best_val_loss)
             if self.dir != self.run_dir:
@@ -513,14 +452,10 @@ class Trainer:
         """Name model-<step> in best.json, then delete the previous best unless the Saver keeps it."""
         old = self.best
         self.best = {"checkpoint": f"model-{step}", "step": step, "val_loss": val_loss}
-        atomic_write_text(os.path.join(self.dir, BEST_FILE), json.dumps(self.best) + "\n")
+        atomic_write_text(os.path.join(self.dir, checkpoints.BEST_FILE), json.dumps(self.best) + "\n")
         kept = {os.path.basename(p) for p in self.saver.last_checkpoints}
         if old and old["checkpoint"] not in kept | {self.best["checkpoint"]}:
-            for suffix in (".index", ".meta", ".data-00000-of-00001"):
-                try:
-                    os.unlink(os.path.join(self.dir, old["checkpoint"] + suffix))
-                except FileNotFoundError:
-                    pass
+            checkpoints.delete(self.dir, old["checkpoint"])
 
     def write_samples(self, step):
         """Samples as gpt-2-simple writes them (samples-N), but inside the run folder."""
@@ -535,43 +470,6 @@ class Trainer:
         os.makedirs(folder, exist_ok=True)
         atomic_write_text(os.path.join(folder, f"samples-{step}"), "\n".join(texts))
         tqdm.write(texts[0][:500])
-
-
-def own_checkpoints(run_dir):
-    """(latest, all) checkpoint prefixes that RUN_DIR/checkpoint names, each taken by its base name
-    inside run_dir and only if its files are there; latest is None when there is none.
-
-    gpt-2-simple's finetune() writes absolute paths for an absolute checkpoint_dir (a Drive folder
-    in Colab): followed as written, a copy of the folder would read, and its Saver would delete,
-    the original's files."""
-    state = tf.train.get_checkpoint_state(run_dir)
-    if state is None:
-        return None, []
-
-    def here(path):
-        prefix = os.path.join(run_dir, os.path.basename(path))
-        return prefix if os.path.isfile(prefix + ".index") else None
-
-    latest = here(state.model_checkpoint_path)
-    found = [here(p) for p in state.all_model_checkpoint_paths]
-    kept = list(dict.fromkeys(p for p in found if p and p != latest))  # oldest first, the latest last
-    return latest, (kept + [latest] if latest else kept)
-
-
-def checkpoint_step(prefix):
-    """The step a checkpoint was saved at, from its name (model-1194 -> 1194), as gpt-2-simple
-    names them; the counter file is only a copy and may lag behind after a kill mid-save."""
-    match = re.search(r"-(\d+)$", prefix)
-    if match:
-        return int(match.group(1))
-    counter = os.path.join(os.path.dirname(prefix), "counter")
-    if not os.path.exists(counter):
-        return 0
-    with open(counter, encoding="utf-8", errors="replace") as f:
-        text = f.read().strip() or "0"
-    if not (text.isascii() and text.isdigit()):
-        raise UsageError(f"{counter} holds {text[:20]!r}, not a step number: fix or delete it")
-    return int(text)
 
 
 def is_npz(path):
@@ -601,62 +499,3 @@ def os_reason(error):
 def first_line(error):
     text = getattr(error, "message", None) or str(error)
     return text.strip().splitlines()[0] if text.strip() else type(error).__name__
-
-
-def read_best(folder):
-    """best.json's checkpoint, if its files are still there."""
-    path = os.path.join(folder, BEST_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            best = json.load(f)
-        if os.path.isfile(os.path.join(folder, best["checkpoint"] + ".index")):
-            return best
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
-
-
-def read_loss_csv(folder):
-    path = os.path.join(folder, "loss.csv")
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return [(int(r["step"]), float(r["loss"]), float(r["avg_loss"]), float(r["seconds_per_step"]),
-                 float(r["val_loss"]) if r.get("val_loss") else None)  # runs before validation have none
-                for r in csv.DictReader(f)]
-
-
-def write_loss_files(folder, rows, run_name):
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["step", "loss", "avg_loss", "seconds_per_step", "val_loss"])
-    writer.writerows((s, f"{loss:.6f}", f"{avg:.6f}", f"{sec:.4f}", "" if val is None else f"{val:.6f}")
-                     for s, loss, avg, sec, val in rows)
-    atomic_write_text(os.path.join(folder, "loss.csv"), out.getvalue())
-    if rows:
-        plot_loss(folder, rows, run_name)
-
-
-def plot_loss(folder, rows, run_name):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r[0] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    ax.plot(steps, [r[1] for r in rows], lw=0.8, alpha=0.4, label="loss")
-    ax.plot(steps, [r[2] for r in rows], lw=1.8, label="average loss")
-    evaluated = [r for r in rows if r[4] is not None]
-    if evaluated:
-        ax.plot([r[0] for r in evaluated], [r[4] for r in evaluated], "o-", lw=1.8, ms=3,
-                label="validation loss (held-out text)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(f"fine-tuning loss: {run_name}")  # folder may still be the hidden work folder
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = os.path.join(folder, ".loss.png.partial")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, os.path.join(folder, "loss.png"))

@@ -161,7 +161,7 @@ FP16_GRAPH = r"""
 import json, sys
 import numpy as np
 import tensorflow as tf
-from finetune import optimizer, train
+from finetune import device, optimizer, train
 from finetune.__main__ import build_parser
 
 run_dir, accumulate = sys.argv[1], sys.argv[2]
@@ -174,7 +174,7 @@ graph = tf.compat.v1.get_default_graph()
 ops = {op.type for op in graph.get_operations()}
 consts = [float(v) for op in graph.get_operations() if op.type == "Const"
           for v in np.ravel(tf.make_ndarray(op.get_attr("value"))) if op.get_attr("dtype") == tf.float32]
-rewrite = train.start_session("fp16")._config.graph_options.rewrite_options.auto_mixed_precision
+rewrite = device.start_session("fp16")._config.graph_options.rewrite_options.auto_mixed_precision
 trainer.saver.restore(trainer.sess, tf.train.latest_checkpoint(run_dir))
 sess, scale = trainer.sess, trainer.loss_scale
 batch = {trainer.context: np.random.RandomState(0).randint(0, trainer.hparams.n_vocab, size=(1, 64))}
