@@ -152,21 +152,70 @@ class LlamaModel:
             L.llama_model_free(self.model)
 
 
-class Sampler:
-    """llama.cpp's sampler chain: logits / temperature, then top_p (if > 0) and top_k (if > 0), then
-    a draw from the softmax of what is left with a generator (std::mt19937) of its own, seeded."""
+BAN = -1e30  # a banned token's logit bias: exp() of it is 0, and it stays finite (no NaN when all are banned)
 
-    def __init__(self, temperature, top_k, top_p, seed):
+
+class Sampler:
+    """llama.cpp's sampler chain: logits / temperature, then top_k (if > 0) and top_p (if > 0), then
+    a draw from the softmax of what is left with a generator (std::mt19937) of its own, seeded.
+
+    The steering controls (app/steering.py), each in the chain only when asked for: first a logit bias
+    (`logit_bias`: {token: bias}), then bans computed at each step by Python (`bans`: an object with
+    accept(token) and banned() -> token ids), then llama.cpp's repetition/frequency/presence penalties
+    (`penalties`: (window, repeat, frequency, presence)) before the temperature, and min_p after top_p.
+    Every drawn token is accepted into the chain (llama_sampler_sample does it); `accept` adds others
+    (the prompt's)."""
+
+    def __init__(self, temperature, top_k, top_p, seed, *, n_vocab=0, min_p=0.0, logit_bias=None, bans=None,
+                 penalties=None):
         assert 0 <= seed < L.LLAMA_DEFAULT_SEED, seed  # LLAMA_DEFAULT_SEED would mean "a random seed"
         params = L.llama_sampler_chain_default_params()
         params.no_perf = True
         self.chain = L.llama_sampler_chain_init(params)
-        L.llama_sampler_chain_add(self.chain, L.llama_sampler_init_temp(temperature))
-        if top_p > 0:
-            L.llama_sampler_chain_add(self.chain, L.llama_sampler_init_top_p(top_p, 1))
+        if logit_bias:
+            entries = (L.llama_logit_bias * len(logit_bias))(*logit_bias.items())
+            self._add(L.llama_sampler_init_logit_bias(n_vocab, len(entries), entries))
+        if bans is not None:
+            self._add(self._python_sampler(bans))
+        if penalties:
+            self._add(L.llama_sampler_init_penalties(n_vocab, *penalties))
+        self._add(L.llama_sampler_init_temp(temperature))
         if top_k > 0:
-            L.llama_sampler_chain_add(self.chain, L.llama_sampler_init_top_k(top_k))
-        L.llama_sampler_chain_add(self.chain, L.llama_sampler_init_dist(seed))
+            self._add(L.llama_sampler_init_top_k(top_k))
+        if top_p > 0:
+            self._add(L.llama_sampler_init_top_p(top_p, 1))
+        if min_p > 0:
+            self._add(L.llama_sampler_init_min_p(min_p, 1))
+        self._add(L.llama_sampler_init_dist(seed))
+
+    def _add(self, sampler):
+        L.llama_sampler_chain_add(self.chain, sampler)
+
+    def _python_sampler(self, bans):
+        """A sampler whose accept and apply are Python: apply sets the logits of bans.banned() to
+        BAN. It comes right after the logit bias, where the candidates are still the whole vocabulary
+        in id order (llama_sampler_sample makes them so), so a token's entry is found at its index."""
+
+        def accept(smpl, token):
+            bans.accept(token)
+
+        def apply(smpl, candidates):
+            array = candidates.contents
+            for token in bans.banned():
+                if token < array.size and array.data[token].id == token:
+                    array.data[token].logit = BAN
+                else:  # never happens in this chain; kept correct anyway
+                    for i in range(array.size):
+                        if array.data[i].id == token:
+                            array.data[i].logit = BAN
+
+        self._callbacks = (L.llama_sampler_i_accept(accept), L.llama_sampler_i_apply(apply))
+        self._interface = L.llama_sampler_i(accept=self._callbacks[0], apply=self._callbacks[1])
+        return L.llama_sampler_init(ctypes.byref(self._interface), None)
+
+    def accept(self, tokens):
+        for token in tokens:
+            L.llama_sampler_accept(self.chain, token)
 
     def __del__(self):
         if getattr(self, "chain", None):

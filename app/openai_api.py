@@ -14,14 +14,13 @@ from app import answers, logs
 from app.engine import Generation
 from app.gate import run
 from app.http import UJSONResponse, json_params, read_body, sse
-from app.params import Boolean, Integer, Number, ParamError, Stop, Text, check, prompt_for
+from app.params import STEERING, Boolean, Integer, Number, ParamError, Stop, Text, check, prompt_for
 from app.schema import (BOOLEAN, GENERATES, INTEGER, STRING, budget, get, json_body, obj, responses, schema,
                         sse_content)
 
 # What a neutral value looks like for each parameter we do not support: those values are accepted
 # (clients such as LangChain send them), anything else is refused naming the parameter.
-UNSUPPORTED = {"suffix": (None, ""), "logprobs": (None,), "best_of": (None, 1), "presence_penalty": (None, 0),
-               "frequency_penalty": (None, 0), "logit_bias": (None, {})}
+UNSUPPORTED = {"suffix": (None, ""), "logprobs": (None,), "best_of": (None, 1)}
 # Our engine's parameter -> OpenAI's name for it, to name the right one in errors.
 OPENAI_NAMES = {"prefix": "prompt", "length": "max_tokens", "nsamples": "n", "truncate": "stop",
                 "include_prefix": "echo"}
@@ -42,6 +41,8 @@ def parameters(table):
         "seed": table["seed"],
         "echo": Boolean(False),
         "user": Text(None, 256),  # accepted, ignored
+        "top_k": Integer(0, -1, table["top_k"].high),  # vLLM's and llama-server's; -1 (vLLM's) or 0: off
+        **{name: table[name] for name in STEERING},  # presence_penalty, frequency_penalty, logit_bias: OpenAI's
     }
 
 
@@ -97,7 +98,10 @@ def engine_arguments(values, table):
     greedy = values["temperature"] < table["temperature"].low or values["top_p"] == 0
     return {"prefix": values["prompt"], "length": values["max_tokens"], "nsamples": values["n"],
             "seed": values["seed"], "temperature": 1.0 if greedy else values["temperature"],
-            "top_k": 1 if greedy else 0, "top_p": 0.0 if greedy or values["top_p"] == 1 else values["top_p"],
+            "top_k": 1 if greedy else max(values["top_k"], 0),
+            "top_p": 0.0 if greedy or values["top_p"] == 1 else values["top_p"],
+            "top_p_replaces_top_k": False,  # both apply, top_k first (as vLLM)
+            **{name: values[name] for name in STEERING},
             "truncate": values["stop"],  # the engine stops each choice at its first stop string
             "include_prefix": False,  # echo adds the prompt here, exactly as given
             "strip_newlines": False}  # a completion is exactly what was generated

@@ -1,0 +1,121 @@
+"""Sampling controls beyond gpt-2-simple's, the same on every protocol: repetition, frequency and presence
+penalties, logit_bias, min_p, and banned words (a request's bad_words and the server's BLOCKLIST_FILE).
+`controls` turns a request's values into what app/llama_engine.py's Sampler takes: llama.cpp's own
+samplers (logit bias, penalties, min-p) and, for banned phrases of several tokens, PhraseBans.
+
+Penalties look at a window of the last WINDOW tokens, the prompt's included (its last tokens count
+from the first draw on), but not the <|endoftext|> a prompt without prefix starts from.
+
+A banned word or phrase is banned in each of its spellings (`spellings`): as written, in lower case, in
+upper case, with a capital first letter and with every word capitalised, each with and without a
+leading space. Each spelling is tokenized as the model's tokenizer spells it on its own; a spelling of
+one token is never drawn (a logit bias that bans it), one of several tokens cannot be completed: its
+last token is banned at a step whose preceding tokens (the prompt's included) are the rest of it.
+"""
+import collections
+
+from app.llama_engine import BAN
+
+WINDOW = 64  # the penalties' window of recent tokens (llama.cpp's and llama-server's default)
+
+
+class BlocklistError(Exception):
+    """BLOCKLIST_FILE cannot be read, or holds no phrase."""
+
+
+def blocklist(environ):
+    """BLOCKLIST_FILE's words and phrases, one a line (UTF-8; blank lines skipped); [] without the
+    setting. Raises BlocklistError."""
+    path = environ.get("BLOCKLIST_FILE")
+    if not path:
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            phrases = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise BlocklistError(f"BLOCKLIST_FILE {path!r} cannot be read: {e}") from None
+    if not any(phrases):
+        raise BlocklistError(f"BLOCKLIST_FILE {path!r} has no word or phrase (one a line)")
+    return [p for p in phrases if p]
+
+
+def spellings(phrase):
+    """The spellings of a banned word or phrase that are banned (see the module's docstring)."""
+    lower = phrase.lower()
+    cased = [phrase, lower, phrase.upper(), lower[:1].upper() + lower[1:],
+             " ".join(word[:1].upper() + word[1:] for word in lower.split(" "))]
+    return list(dict.fromkeys(space + text for text in cased for space in ("", " ")))
+
+
+class Banned:
+    """Banned phrases, tokenized: `tokens`, the spellings of one token; `endings`, for those of several,
+    the token that would complete one, keyed by the token before it: {that token: [(the tokens before
+    the last, the last)]}; `longest`, the most tokens of one spelling."""
+
+    def __init__(self, phrases, tokenizer):
+        self.tokens, self.endings, self.longest = set(), collections.defaultdict(list), 1
+        for phrase in dict.fromkeys(phrases):
+            for spelling in spellings(phrase):
+                ids = tuple(tokenizer.encode(spelling))
+                if len(ids) == 1:
+                    self.tokens.add(ids[0])
+                elif ids:
+                    self.endings[ids[-2]].append((ids[:-1], ids[-1]))
+                    self.longest = max(self.longest, len(ids))
+
+    def __bool__(self):
+        return bool(self.tokens or self.endings)
+
+
+class PhraseBans:
+    """One sample's view of multi-token banned phrases: `accept` each token as it comes (the prompt's
+    first), `banned` the tokens that would complete a phrase now."""
+
+    def __init__(self, banned):
+        self.banned_by = [b for b in banned if b.endings]
+        self.recent = collections.deque(maxlen=max(b.longest for b in self.banned_by) - 1)
+
+    def accept(self, token):
+        self.recent.append(token)
+
+    def banned(self):
+        if not self.recent:
+            return []
+        found, recent = [], None
+        for banned in self.banned_by:
+            for before, last in banned.endings.get(self.recent[-1], ()):
+                recent = recent or tuple(self.recent)
+                if recent[-len(before):] == before:
+                    found.append(last)
+        return found
+
+
+def controls(model, prompt, *, min_p=0.0, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
+             logit_bias=None, bad_words=None):
+    """(Sampler's keyword arguments, the prompt's tokens its samplers must accept first) for a request's
+    values; ({}, []) when none is on, so that the chain and every answer stay what they were without them.
+    The server's blocklist (model.blocklist, a Banned) applies to every request."""
+    banned = [b for b in (model.blocklist, Banned(bad_words or (), model.tokenizer)) if b]
+    bias = {token: BAN if value == -100 else value for token, value in (logit_bias or {}).items() if value}
+    for b in banned:
+        bias.update(dict.fromkeys(b.tokens, BAN))
+    if sum(value == BAN for value in bias.values()) >= model.n_vocab:
+        del bias[model.tokenizer.end_token]  # every token banned: the sample ends at once instead
+    penalized = (repetition_penalty, frequency_penalty, presence_penalty) != (1.0, 0.0, 0.0)
+    phrases = [b for b in banned if b.endings]
+    args = {"n_vocab": model.n_vocab}
+    if min_p:
+        args["min_p"] = min_p
+    if bias:
+        args["logit_bias"] = bias
+    if penalized:
+        args["penalties"] = (WINDOW, repetition_penalty, frequency_penalty, presence_penalty)
+    if phrases:
+        args["phrases"] = phrases
+    if len(args) == 1:
+        return {}, []
+    if not (penalized or phrases):
+        return args, []
+    counted = prompt[1:] if prompt[:1] == [model.tokenizer.end_token] else prompt
+    longest = max([WINDOW] + [b.longest for b in phrases])
+    return args, counted[-longest:]
