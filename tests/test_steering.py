@@ -52,7 +52,8 @@ def banned_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def banned_server(banned_run, tmp_path_factory):
-    with running_server(banned_run, find_free_port(), tmp_path_factory.mktemp("banned") / "server.log") as s:
+    with running_server(banned_run, find_free_port(), tmp_path_factory.mktemp("banned") / "server.log") as s, \
+            httpx.Client() as s.client:
         yield s
 
 
@@ -61,13 +62,14 @@ def blocklist_server(banned_run, tmp_path_factory):
     folder = tmp_path_factory.mktemp("blocklist")
     (folder / "blocklist.txt").write_text("heck\n\n  darn  \nrotten egg\n", encoding="utf-8")
     with running_server(banned_run, find_free_port(), folder / "server.log",
-                        BLOCKLIST_FILE=str(folder / "blocklist.txt")) as s:
+                        BLOCKLIST_FILE=str(folder / "blocklist.txt")) as s, httpx.Client() as s.client:
         yield s
 
 
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
-    with running_server(tiny_run, find_free_port(), tmp_path_factory.mktemp("steer") / "server.log") as s:
+    with running_server(tiny_run, find_free_port(), tmp_path_factory.mktemp("steer") / "server.log") as s, \
+            httpx.Client() as s.client:
         yield s
 
 
@@ -88,26 +90,27 @@ def texts(server, protocol, seed, n=4, prefix="<|startoftext|>", **params):
     """The texts of one request of `n` samples on `protocol` (Triton's generate: one), generated from
     `prefix` without it; params: /limits' names (length, temperature ...) and the steering ones."""
     params = {"length": 40, "temperature": 1.0, "seed": seed, **params}
+    http = server.client  # one connection for all (a new client each time costs more than the answer)
     if protocol in ("get", "post"):
         body = {"prefix": prefix, "include_prefix": False, "nsamples": n, **params}
-        r = httpx.get(server.url + "/", params=as_query(body), timeout=60) if protocol == "get" else \
-            httpx.post(server.url + "/", json=body, timeout=60)
+        r = http.get(server.url + "/", params=as_query(body), timeout=60) if protocol == "get" else \
+            http.post(server.url + "/", json=body, timeout=60)
         assert r.status_code == 200, r.text
         return r.json().get("texts", [r.json()["text"]])
     if protocol == "openai":
         body = {"model": "run1", "prompt": prefix, "n": n, "max_tokens": params.pop("length"), **params}
-        r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        r = http.post(server.url + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         return [choice["text"] for choice in r.json()["choices"]]
     if protocol == "v2":  # parameters as V2 clients send them: JSON text for a list or an object
         parameters = {"include_prefix": False, **{k: json.dumps(v) if isinstance(v, (list, dict)) else v
                                                    for k, v in params.items()}}
-        r = httpx.post(server.url + "/v2/models/run1/infer", json={"inputs": [
+        r = http.post(server.url + "/v2/models/run1/infer", json={"inputs": [
             {"name": "text_input", "datatype": "BYTES", "shape": [n], "data": [prefix] * n}], "parameters": parameters},
             timeout=60)
         assert r.status_code == 200, r.text
         return r.json()["outputs"][0]["data"]
-    r = httpx.post(server.url + "/v2/models/run1/generate", timeout=60,
+    r = http.post(server.url + "/v2/models/run1/generate", timeout=60,
                    json={"text_input": prefix, "parameters": {"include_prefix": False, **params}})
     assert r.status_code == 200, r.text
     return [r.json()["text_output"]]
@@ -144,14 +147,17 @@ def test_phrase_bans_complete_only_after_the_rest_of_the_phrase(model):
     assert phrase[-1] not in bans.banned()
 
 
+def test_the_banned_model_writes_banned_words(banned_server):
+    without = samples(banned_server, "post", count=40)
+    print(f"without bad_words, {sum(bool(holds_banned(t)) for t in without)} of 40 samples hold a banned word")
+    assert sum(bool(holds_banned(t)) for t in without) >= 30, without
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_bad_words_never_come_out_on_any_protocol(banned_server, protocol):
-    without = samples(banned_server, protocol, count=40)
-    assert sum(bool(holds_banned(t)) for t in without) >= 20, without  # the model writes them all the time
     found = samples(banned_server, protocol, bad_words=BANNED)
     hits = [t for t in found if holds_banned(t)]
-    print(f"{protocol}: {len(found)} samples with bad_words, {len(hits)} with a banned word; without it "
-          f"{sum(bool(holds_banned(t)) for t in without)} of {len(without)}")
+    print(f"{protocol}: {len(found)} samples with bad_words, {len(hits)} with a banned word")
     assert len(found) == 200 and not hits, hits
     assert sum(len(t) for t in found) > 200 * 5  # they wrote something else instead
 
@@ -184,11 +190,15 @@ def test_a_bad_blocklist_file_stops_the_start(tiny_run, tmp_path, content, messa
 
 def test_logit_bias_minus_100_bans_a_token(server, model):
     tokenizer = model.tokenizer
+    pieces = [tokenizer.decode([t]) for t in range(model.n_vocab)]
+    # A word no other token holds (not ".", which ".<|" holds), so that a text shows whether it was drawn.
+    alone = {t for t, piece in enumerate(pieces) if sum(piece in other for other in pieces) == 1
+             and piece[:1] == " " and piece[1:].isalpha()}
     baseline = samples(server, "post", count=52, length=30)[:50]
-    present = Counter(t for text in baseline for t in set(tokenizer.encode(text)))
+    present = Counter(t for text in baseline for t in set(tokenizer.encode(text)) if t in alone)
     token, count = present.most_common(1)[0]
-    piece = tokenizer.decode([token])
-    assert count >= 25, present.most_common(5)  # in most samples without the bias
+    piece = pieces[token]
+    assert count >= 15, present.most_common(5)  # in many samples without the bias
     for protocol in PROTOCOLS:
         banned = samples(server, protocol, count=52 if protocol != "generate" else 50, length=30,
                          logit_bias={str(token): -100})[:50]
@@ -205,8 +215,11 @@ def repeated_4grams(text):
 
 
 def test_repetition_penalty_makes_fewer_repeated_4grams(server, model):
-    # Banning the end token makes the tiny model go on writing its few sentences over and over: it loops.
-    looping = {"length": 120, "logit_bias": {str(model.tokenizer.end_token): -100}, "temperature": 0.7}
+    # Banning the end token (and "endoftext", which it may spell as text) makes the tiny model go on writing
+    # its few sentences over and over: it loops.
+    ends = [t for t in range(model.n_vocab) if "endoftext" in model.tokenizer.decode([t])]
+    ends.append(model.tokenizer.end_token)
+    looping = {"length": 120, "logit_bias": {str(t): -100 for t in ends}, "temperature": 0.7}
     plain = samples(server, "post", count=52, **looping)[:50]
     penalized = samples(server, "post", count=52, repetition_penalty=1.3, **looping)[:50]
     before, after = sum(map(repeated_4grams, plain)), sum(map(repeated_4grams, penalized))
@@ -317,10 +330,10 @@ def test_without_the_controls_answers_are_what_the_unchanged_chain_gives(server,
     texts_, tokens, reasons = unchanged(model, params.get("prefix", ""), **{k: v for k, v in params.items()
                                                                              if k != "prefix"})
     for body in (params, {**params, **NEUTRAL}):
-        answer = httpx.post(server.url + "/", json=body, timeout=60).json()
+        answer = server.client.post(server.url + "/", json=body, timeout=60).json()
         assert answer.get("texts", [answer["text"]]) == texts_ and answer["tokens"] == tokens
         assert answer.get("stop_reasons", [answer["stop_reason"]]) == reasons
-    query = httpx.get(server.url + "/", params=as_query({**params, **NEUTRAL}), timeout=60).json()
+    query = server.client.get(server.url + "/", params=as_query({**params, **NEUTRAL}), timeout=60).json()
     assert query.get("texts", [query["text"]]) == texts_
 
 
@@ -336,7 +349,7 @@ def test_openai_answers_are_what_the_unchanged_chain_gives(server, model, body, 
     prompt = "<|startoftext|>my dog"
     texts_, _, _ = unchanged(model, prompt, include_prefix=False, strip_newlines=False, **engine)
     for extra in ({}, {**NEUTRAL, "top_k": 0}, {"top_k": -1}):
-        answer = httpx.post(server.url + "/v1/completions", json={"model": "run1", "prompt": prompt, **body, **extra},
+        answer = server.client.post(server.url + "/v1/completions", json={"model": "run1", "prompt": prompt, **body, **extra},
                             timeout=60).json()
         assert [c["text"] for c in answer["choices"]] == texts_, extra
 
@@ -358,16 +371,16 @@ def test_bad_values_are_400s_in_the_protocols_shape(server, protocol, name, valu
     if protocol in ("get", "v2"):  # a string there: JSON text for a list or an object
         value = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     if protocol == "get":
-        r = httpx.get(server.url + "/", params={name: value})
+        r = server.client.get(server.url + "/", params={name: value})
     elif protocol == "post":
-        r = httpx.post(server.url + "/", json={name: value})
+        r = server.client.post(server.url + "/", json={name: value})
     elif protocol == "openai":
-        r = httpx.post(server.url + "/v1/completions", json={"model": "run1", "prompt": "hi", name: value})
+        r = server.client.post(server.url + "/v1/completions", json={"model": "run1", "prompt": "hi", name: value})
     elif protocol == "v2":
-        r = httpx.post(server.url + "/v2/models/run1/infer", json={"inputs": [
+        r = server.client.post(server.url + "/v2/models/run1/infer", json={"inputs": [
             {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["hi"]}], "parameters": {name: value}})
     else:
-        r = httpx.post(server.url + "/v2/models/run1/generate", json={"text_input": "hi", "parameters": {name: value}})
+        r = server.client.post(server.url + "/v2/models/run1/generate", json={"text_input": "hi", "parameters": {name: value}})
     assert r.status_code == 400, r.text
     answer = r.json()
     if protocol in ("get", "post"):
