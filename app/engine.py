@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from app.llama_engine import LlamaError, LlamaModel, Sampler
-from app.steering import PhraseBans, controls
+from app.steering import Steps, controls
 from app.tokenizer import END_OF_TEXT, TextDecoder, Tokenizer
 
 EXPORT_COMMAND = "python -m finetune.export {}"
@@ -147,24 +147,24 @@ class GPT2:
 # ---------------------------------------------------------------- sampling
 
 
-def samplers(temperature, top_k, top_p, seed, nsamples, steering=None, accepted=(), top_p_replaces_top_k=True):
+def samplers(temperature, top_k, top_p, seed, nsamples, steering=None, steps=None, accepted=(),
+             top_p_replaces_top_k=True):
     """One sampler a sample, as gpt-2-simple's sample.py filters: divide by temperature, then top_p
     (if > 0) or else top_k (if > 0); llama.cpp's top_p keeps the most likely tokens up to the first
     whose cumulative probability reaches top_p, as gpt-2-simple does. Each sample's generator is seeded
     from the request's seed and the sample's number (a random seed when none is given), so a seed
-    gives the same texts again, and seeds 7 and 8 share no sample. `steering`: Sampler's steering
-    arguments from app.steering.controls, whose tokens `accepted` each sampler accepts first;
-    top_p_replaces_top_k=False (OpenAI's API, as vLLM) applies top_k, then top_p."""
+    gives the same texts again, and seeds 7 and 8 share no sample. steering, steps, accepted: what
+    app.steering.controls gives (Sampler's steering arguments; each sample's Steps' arguments; the
+    tokens each sampler accepts first). top_p_replaces_top_k=False (OpenAI's API, as vLLM) applies
+    top_k, then top_p."""
     if seed is None:
         seed = secrets.randbits(32)
     if top_p > 0 and top_p_replaces_top_k:
         top_k = 0
     chains = []
     for i in range(nsamples):
-        args = dict(steering or {})
-        if "phrases" in args:
-            args["bans"] = PhraseBans(args.pop("phrases"))
-        chains.append(Sampler(temperature, top_k, top_p, sample_seed(seed, i), **args))
+        chains.append(Sampler(temperature, top_k, top_p, sample_seed(seed, i), **(steering or {}),
+                              steps=Steps(**steps) if steps else None))
         chains[-1].accept(accepted)
     return chains
 

@@ -1,10 +1,14 @@
 """Sampling controls beyond gpt-2-simple's, the same on every protocol: repetition, frequency and presence
 penalties, logit_bias, min_p, and banned words (a request's bad_words and the server's BLOCKLIST_FILE).
 `controls` turns a request's values into what app/llama_engine.py's Sampler takes: llama.cpp's own
-samplers (logit bias, penalties, min-p) and, for banned phrases of several tokens, PhraseBans.
+logit-bias and min-p samplers, and Steps, which applies the penalties and bans banned phrases of several
+tokens at each step.
 
-Penalties look at a window of the last WINDOW tokens, the prompt's included (its last tokens count
-from the first draw on), but not the <|endoftext|> a prompt without prefix starts from.
+The penalties are llama.cpp's (and Hugging Face's and OpenAI's) arithmetic, done here: llama.cpp's
+penalties sampler looks up every token of the vocabulary at every step (50,257 hash lookups: it doubled
+the sampling time at the 124M shape, docs/benchmarks.md), while only the window's tokens change. They
+look at a window of the last WINDOW tokens, the prompt's included (its last tokens count from the first
+draw on), but not the <|endoftext|> a prompt without prefix starts from.
 
 A banned word or phrase is banned in each of its spellings (`spellings`): as written, in lower case, in
 upper case, with a capital first letter and with every word capitalised, each with and without a
@@ -67,55 +71,70 @@ class Banned:
         return bool(self.tokens or self.endings)
 
 
-class PhraseBans:
-    """One sample's view of multi-token banned phrases: `accept` each token as it comes (the prompt's
-    first), `banned` the tokens that would complete a phrase now."""
+class Steps:
+    """One sample's controls that change at each step, applied to the logits in the chain (Sampler's
+    `steps`): banned phrases' last tokens (`banned`, Banned with endings) and the penalties
+    (`penalties`: repetition, frequency, presence). `accept` each token as it comes, the prompt's first."""
 
-    def __init__(self, banned):
-        self.banned_by = [b for b in banned if b.endings]
-        self.recent = collections.deque(maxlen=max(b.longest for b in self.banned_by) - 1)
+    def __init__(self, banned=(), penalties=None):
+        self.banned_by, self.penalties = [b for b in banned if b.endings], penalties
+        longest = max([b.longest for b in self.banned_by], default=1)
+        self.recent = collections.deque(maxlen=max(longest - 1, WINDOW if penalties else 0))
+        self.counts = collections.Counter()  # of the last WINDOW tokens
 
     def accept(self, token):
+        if self.penalties:
+            if len(self.recent) >= WINDOW:
+                old = self.recent[-WINDOW]
+                self.counts[old] -= 1
+                if not self.counts[old]:
+                    del self.counts[old]
+            self.counts[token] += 1
         self.recent.append(token)
 
     def banned(self):
-        if not self.recent:
-            return []
+        """The tokens that would complete a banned phrase now."""
         found, recent = [], None
-        for banned in self.banned_by:
+        for banned in self.banned_by if self.recent else ():
             for before, last in banned.endings.get(self.recent[-1], ()):
                 recent = recent or tuple(self.recent)
                 if recent[-len(before):] == before:
                     found.append(last)
         return found
 
+    def apply(self, logits):
+        """logits: Sampler's view of the candidates' logits (get(tokens), set(tokens, logits))."""
+        if banned := self.banned():
+            logits.set(banned, [BAN] * len(banned))
+        if self.penalties:
+            repeat, frequency, presence = self.penalties
+            tokens = list(self.counts)
+            # CTRL's penalty (negative logits multiplied, positive ones divided), as llama.cpp and Hugging
+            # Face apply it, then OpenAI's
+            logits.set(tokens, [(logit * repeat if logit <= 0 else logit / repeat) - (count * frequency + presence)
+                                for logit, count in zip(logits.get(tokens), self.counts.values())])
+
 
 def controls(model, prompt, *, min_p=0.0, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
              logit_bias=None, bad_words=None):
-    """(Sampler's keyword arguments, the prompt's tokens its samplers must accept first) for a request's
-    values; ({}, []) when none is on, so that the chain and every answer stay what they were without them.
-    The server's blocklist (model.blocklist, a Banned) applies to every request."""
+    """(Sampler's keyword arguments but `steps`, Steps' arguments or None, the prompt's tokens each sample's
+    Steps must accept first) for a request's values; ({}, None, []) when none is on, so that the chain and
+    every answer stay what they were without them. The server's blocklist (model.blocklist, a Banned)
+    applies to every request."""
     banned = [b for b in (model.blocklist, Banned(bad_words or (), model.tokenizer)) if b]
     bias = {token: BAN if value == -100 else value for token, value in (logit_bias or {}).items() if value}
     for b in banned:
         bias.update(dict.fromkeys(b.tokens, BAN))
     if sum(value == BAN for value in bias.values()) >= model.n_vocab:
         del bias[model.tokenizer.end_token]  # every token banned: the sample ends at once instead
-    penalized = (repetition_penalty, frequency_penalty, presence_penalty) != (1.0, 0.0, 0.0)
-    phrases = [b for b in banned if b.endings]
-    args = {"n_vocab": model.n_vocab}
+    args = {}
     if min_p:
         args["min_p"] = min_p
     if bias:
-        args["logit_bias"] = bias
-    if penalized:
-        args["penalties"] = (WINDOW, repetition_penalty, frequency_penalty, presence_penalty)
-    if phrases:
-        args["phrases"] = phrases
-    if len(args) == 1:
-        return {}, []
-    if not (penalized or phrases):
-        return args, []
+        args.update(logit_bias=bias, n_vocab=model.n_vocab)
+    penalties = (repetition_penalty, frequency_penalty, presence_penalty)
+    steps = {"banned": [b for b in banned if b.endings], "penalties": penalties != (1.0, 0.0, 0.0) and penalties}
+    if not any(steps.values()):
+        return args, None, []
     counted = prompt[1:] if prompt[:1] == [model.tokenizer.end_token] else prompt
-    longest = max([WINDOW] + [b.longest for b in phrases])
-    return args, counted[-longest:]
+    return args, steps, counted[-max([WINDOW] + [b.longest for b in steps["banned"]]):]

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import pytest
+import tritonclient.http as triton
 
 from app.engine import GPT2, Generation, sample_seed, samplers
 from app.llama_engine import L
-from app.steering import Banned, PhraseBans, controls, spellings
+from app.steering import Banned, Steps, controls, spellings
 from conftest import TINY_MODEL_ARGS, TINY_TRAIN_ARGS, find_free_port, trained_run
 from test_server import running_server
 
@@ -138,7 +140,7 @@ def test_phrase_bans_complete_only_after_the_rest_of_the_phrase(model):
     banned = Banned(["rotten egg"], model.tokenizer)
     assert banned.endings  # several tokens in this vocabulary: banned step by step
     phrase = model.tokenizer.encode(" rotten egg")
-    bans = PhraseBans([banned])
+    bans = Steps([banned])
     for token in model.tokenizer.encode("<|startoftext|>the cat found a") + phrase[:-1]:
         bans.accept(token)
         assert bans.banned() in ([], [phrase[-1]])
@@ -160,6 +162,29 @@ def test_bad_words_never_come_out_on_any_protocol(banned_server, protocol):
     print(f"{protocol}: {len(found)} samples with bad_words, {len(hits)} with a banned word")
     assert len(found) == 200 and not hits, hits
     assert sum(len(t) for t in found) > 200 * 5  # they wrote something else instead
+
+
+def test_official_clients_send_them(banned_server):
+    """The OpenAI SDK (OpenAI's parameters as such, the others in extra_body) and tritonclient (V2
+    parameters are strings, numbers or booleans: a list as JSON text)."""
+    client = openai.OpenAI(base_url=banned_server.url + "/v1", api_key="not-checked", max_retries=0)
+    completion = client.completions.create(
+        model="run1", prompt="<|startoftext|>", max_tokens=30, n=4, seed=1, temperature=1.0, presence_penalty=0.5,
+        frequency_penalty=0.5, logit_bias={"0": -100}, extra_body={"bad_words": BANNED, "top_k": 40, "min_p": 0.05,
+                                                                    "repetition_penalty": 1.2})
+    assert len(completion.choices) == 4 and not any(holds_banned(c.text) for c in completion.choices)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="run1", prompt="hi", presence_penalty=2.5)
+    assert e.value.param == "presence_penalty"
+
+    triton_client = triton.InferenceServerClient(banned_server.url.removeprefix("http://"))
+    tensor = triton.InferInput("text_input", [4], "BYTES")
+    tensor.set_data_from_numpy(np.array([b"<|startoftext|>"] * 4, dtype=np.object_))
+    result = triton_client.infer("run1", [tensor], parameters={"bad_words": json.dumps(BANNED), "length": 30,
+                                                                "seed": 1, "repetition_penalty": 1.2})
+    outputs = [t.decode() for t in result.as_numpy("text_output")]
+    assert len(outputs) == 4 and not any(holds_banned(t) for t in outputs), outputs
+    triton_client.close()
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
