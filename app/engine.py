@@ -244,8 +244,11 @@ class Generation:
     def __init__(self, model, prompt, *, prefix, length, temperature, top_k, top_p, seed, nsamples,
                  truncate, include_prefix, strip_newlines=True, top_p_replaces_top_k=True, **steering):
         self.model, self.prompt, self.length = model, prompt, length
-        self.samplers = samplers(temperature, top_k, top_p, seed, nsamples, *controls(model, prompt, **steering),
-                                 top_p_replaces_top_k)
+        # Made when the generation starts, in its worker thread: tokenizing 1,000 bad_words takes tens of ms,
+        # which must not hold the event loop (nor be spent on a request the gate then refuses).
+        self.samplers = None
+        self.make_samplers = lambda: samplers(temperature, top_k, top_p, seed, nsamples,
+                                              *controls(model, prompt, **steering), top_p_replaces_top_k)
         self.samples = [SampleText(model.tokenizer, prefix, include_prefix, truncate, strip_newlines)
                         for _ in range(nsamples)]
         self.result = None
@@ -255,6 +258,7 @@ class Generation:
         B, T = len(samples), len(self.prompt)
         with self.model.lock:
             started = time.perf_counter()
+            self.samplers = self.samplers or self.make_samplers()
             llama.prompt(self.prompt)
             if B > 1:  # same prompt for every sample: computed once, shared
                 llama.fork(B)

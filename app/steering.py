@@ -17,6 +17,7 @@ one token is never drawn (a logit bias that bans it), one of several tokens cann
 last token is banned at a step whose preceding tokens (the prompt's included) are the rest of it.
 """
 import collections
+import functools
 
 from app.llama_engine import BAN
 
@@ -51,6 +52,11 @@ def spellings(phrase):
     return list(dict.fromkeys(space + text for text in cased for space in ("", " ")))
 
 
+@functools.lru_cache(maxsize=8192)  # 1,000 words' spellings; a client may send the same list each time
+def spelled(tokenizer, spelling):
+    return tuple(tokenizer.encode(spelling))
+
+
 class Banned:
     """Banned phrases, tokenized: `tokens`, the spellings of one token; `endings`, for those of several,
     the token that would complete one, keyed by the token before it: {that token: [(the tokens before
@@ -60,7 +66,7 @@ class Banned:
         self.tokens, self.endings, self.longest = set(), collections.defaultdict(list), 1
         for phrase in dict.fromkeys(phrases):
             for spelling in spellings(phrase):
-                ids = tuple(tokenizer.encode(spelling))
+                ids = spelled(tokenizer, spelling)
                 if len(ids) == 1:
                     self.tokens.add(ids[0])
                 elif ids:
