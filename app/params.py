@@ -43,11 +43,11 @@ class Integer:
 class Number:
     type = "number"
 
-    def __init__(self, default, low, high, low_excluded=False):
-        self.default, self.low, self.high, self.low_excluded = default, low, high, low_excluded
+    def __init__(self, default, low, high):
+        self.default, self.low, self.high = default, low, high
 
     def describe(self):
-        return f"a number {'above' if self.low_excluded else 'at least'} {self.low:g} and at most {self.high:g}"
+        return f"a number at least {self.low:g} and at most {self.high:g}"
 
     def parse(self, value):
         if isinstance(value, str) and NUMBER.fullmatch(value):
@@ -60,13 +60,12 @@ class Number:
             return None
         if not math.isfinite(value):
             return None
-        if not self.low <= value <= self.high or (self.low_excluded and value == self.low):
+        if not self.low <= value <= self.high:
             return None
         return value
 
     def limits(self):
-        return {"type": self.type, "default": self.default, "min_exclusive" if self.low_excluded else "min": self.low,
-                "max": self.high}
+        return {"type": self.type, "default": self.default, "min": self.low, "max": self.high}
 
 
 class Boolean:
@@ -187,7 +186,8 @@ def steering(n_vocab):
     STEERING's names."""
     return {
         "min_p": Number(0.0, 0.0, 1.0),
-        "repetition_penalty": Number(1.0, 0.0, 2.0, low_excluded=True),
+        # Not near 0: a positive logit divided by it must stay finite in float32 (as for the temperature).
+        "repetition_penalty": Number(1.0, 0.01, 2.0),
         "frequency_penalty": Number(0.0, -2.0, 2.0),
         "presence_penalty": Number(0.0, -2.0, 2.0),
         "logit_bias": LogitBias(n_vocab),

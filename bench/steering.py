@@ -51,13 +51,16 @@ def words(n, seed=0):
 
 
 def biggest_logit_bias(n_vocab, body_max=16 * 1024):
-    """The largest logit_bias (token ids from 1 up, bias -5) a POST body of body_max bytes can carry."""
-    bias, n = {}, 1
-    while n < n_vocab:
-        trial = {**bias, str(n): -5}
-        if len(json.dumps({"prefix": PROMPT, "length": 100, "logit_bias": trial})) > body_max:
+    """The largest logit_bias (token ids from 1 up, bias -5) that a POST / body of `ask` holding it stays
+    within body_max bytes with."""
+    body = {"prefix": PROMPT, "length": 100000, "temperature": 1.0, "seed": 100000, "logit_bias": {}}
+    size, bias = len(json.dumps(body)), {}
+    for n in range(1, n_vocab):
+        size += len(json.dumps({str(n): -5})) - 2 + (2 if bias else 0)  # the entry, and ", " before it
+        if size > body_max:
             break
-        bias, n = trial, n + 1
+        bias[str(n)] = -5
+    assert len(json.dumps({**body, "logit_bias": bias})) <= body_max
     return bias
 
 
@@ -87,7 +90,8 @@ def ask(server, route, params, length, seed):
         answer, seconds = server.request("POST", "/v1/completions", json.dumps(
             {"model": server.model_name, "prompt": PROMPT, "max_tokens": length, "temperature": 1.0, "seed": seed,
              **params}), {"Content-Type": "application/json"})
-        tokens = answer["usage"]["completion_tokens"]
+        choice = answer["choices"][0]  # the tokens generated: all of them unless it ended early
+        tokens = length if choice["finish_reason"] == "length" else answer["usage"]["completion_tokens"]
     else:
         answer, seconds = server.request("POST", "/", json.dumps(
             {"prefix": PROMPT, "length": length, "temperature": 1.0, "seed": seed, **params}),

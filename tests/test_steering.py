@@ -382,7 +382,7 @@ def test_openai_answers_are_what_the_unchanged_chain_gives(server, model, body, 
 # ---------------------------------------------------------------- bad values: 400s in each protocol's shape
 
 
-BAD = [("min_p", 1.5), ("min_p", -0.1), ("repetition_penalty", 0), ("repetition_penalty", 2.5),
+BAD = [("min_p", 1.5), ("min_p", -0.1), ("repetition_penalty", 0.001), ("repetition_penalty", 2.5),
        ("frequency_penalty", 2.01), ("presence_penalty", -3), ("logit_bias", {"1000": 5}), ("logit_bias", {"5": -101}),
        ("logit_bias", {"x": 1}), ("logit_bias", [5]), ("logit_bias", "{not json"), ("bad_words", "heck"),
        ("bad_words", [5]), ("bad_words", ["x" * 101]), ("bad_words", ["w"] * 1001), ("repetition_penalty", "nan")]
@@ -419,7 +419,7 @@ def test_bad_values_are_400s_in_the_protocols_shape(server, protocol, name, valu
 
 def test_limits_and_openapi_list_them(server):
     limits = httpx.get(server.url + "/limits").json()
-    assert limits["repetition_penalty"] == {"type": "number", "default": 1.0, "min_exclusive": 0.0, "max": 2.0}
+    assert limits["repetition_penalty"] == {"type": "number", "default": 1.0, "min": 0.01, "max": 2.0}
     assert limits["min_p"]["max"] == 1.0 and limits["frequency_penalty"]["min"] == -2.0
     assert limits["logit_bias"]["max_items"] == limits["n_vocab"] and limits["bad_words"]["max_items"] == 1000
     spec = httpx.get(server.url + "/openapi.json").json()
@@ -427,7 +427,7 @@ def test_limits_and_openapi_list_them(server):
     assert query["bad_words"]["contentMediaType"] == "application/json"
     completion = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert completion["properties"]["top_k"]["minimum"] == -1
-    assert completion["properties"]["repetition_penalty"]["exclusiveMinimum"] == 0
+    assert completion["properties"]["repetition_penalty"]["minimum"] == 0.01
     for name in ("presence_penalty", "frequency_penalty", "logit_bias", "bad_words", "min_p"):
         assert "enum" not in completion["properties"][name], name
     infer = spec["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]["application/json"]["schema"]
