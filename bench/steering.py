@@ -258,7 +258,7 @@ def chart(results, path):
     right.barh(names, [s["chain_us_per_token"][n] for n in names], color="#ff7f0e", alpha=0.8)
     right.invert_yaxis()
     right.set_xlabel("µs per token (the sampler chain alone)")
-    right.set_title(f"The sampler chain, {results['chain']['n_vocab']:,} tokens; a token takes "
+    right.set_title(f"The sampler chain alone ({results['chain']['n_vocab']:,} tokens); a token: "
                     f"{s['token_us'] / 1000:.1f} ms", fontsize=10)
     fig.suptitle(f"Sampling controls: {results['date']}, {results['machine']['cpu']}, {results['model']}")
     fig.tight_layout()
