@@ -5,10 +5,10 @@ logit-bias and min-p samplers, and Steps, which applies the penalties and bans b
 tokens at each step.
 
 The penalties are llama.cpp's (and Hugging Face's and OpenAI's) arithmetic, done here: llama.cpp's
-penalties sampler looks up every token of the vocabulary at every step (50,257 hash lookups: it doubled
-the sampling time at the 124M shape, docs/benchmarks.md), while only the window's tokens change. They
-look at a window of the last WINDOW tokens, the prompt's included (its last tokens count from the first
-draw on), but not the <|endoftext|> a prompt without prefix starts from.
+penalties sampler looks up every token of the vocabulary at every step (50,257 hash lookups: two thirds
+more time in the sampler chain at the 124M shape, docs/benchmarks.md), while only the window's tokens
+change. They look at a window of the last WINDOW tokens, the prompt's included (its last tokens count
+from the first draw on), but not the <|endoftext|> a prompt without prefix starts from.
 
 A banned word or phrase is banned in each of its spellings (`spellings`): as written, in lower case, in
 upper case, with a capital first letter and with every word capitalised, each with and without a
@@ -35,7 +35,7 @@ def blocklist(environ):
     if not path:
         return []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows' editors) is not a word
             phrases = [line.strip() for line in f]
     except (OSError, UnicodeDecodeError) as e:
         raise BlocklistError(f"BLOCKLIST_FILE {path!r} cannot be read: {e}") from None
