@@ -62,7 +62,8 @@ def banned_server(banned_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def blocklist_server(banned_run, tmp_path_factory):
     folder = tmp_path_factory.mktemp("blocklist")
-    (folder / "blocklist.txt").write_text("heck\n\n  darn  \nrotten egg\n", encoding="utf-8")
+    # with a byte-order mark, blank lines and spaces around a word, as an editor may leave them
+    (folder / "blocklist.txt").write_text("\ufeffheck\n\n  darn  \nrotten egg\n", encoding="utf-8")
     with running_server(banned_run, find_free_port(), folder / "server.log",
                         BLOCKLIST_FILE=str(folder / "blocklist.txt")) as s, httpx.Client() as s.client:
         yield s
