@@ -46,7 +46,8 @@ def words(n, seed=0):
         ["a", "e", "i", "o", "u", "ea", "oo"], ["", "n", "r", "s", "t", "ck", "nd"]
     found = set()
     while len(found) < n:
-        found.add("".join(rng.choice(onsets) + rng.choice(nuclei) + rng.choice(codas) for _ in range(rng.randint(1, 3))))
+        syllables = rng.randint(1, 3)
+        found.add("".join(rng.choice(onsets) + rng.choice(nuclei) + rng.choice(codas) for _ in range(syllables)))
     return sorted(found)
 
 

@@ -375,8 +375,8 @@ def test_openai_answers_are_what_the_unchanged_chain_gives(server, model, body, 
     prompt = "<|startoftext|>my dog"
     texts_, _, _ = unchanged(model, prompt, include_prefix=False, strip_newlines=False, **engine)
     for extra in ({}, {**NEUTRAL, "top_k": 0}, {"top_k": -1}):
-        answer = server.client.post(server.url + "/v1/completions", json={"model": "run1", "prompt": prompt, **body, **extra},
-                            timeout=60).json()
+        answer = server.client.post(server.url + "/v1/completions",
+                                    json={"model": "run1", "prompt": prompt, **body, **extra}, timeout=60).json()
         assert [c["text"] for c in answer["choices"]] == texts_, extra
 
 
@@ -406,7 +406,8 @@ def test_bad_values_are_400s_in_the_protocols_shape(server, protocol, name, valu
         r = server.client.post(server.url + "/v2/models/run1/infer", json={"inputs": [
             {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["hi"]}], "parameters": {name: value}})
     else:
-        r = server.client.post(server.url + "/v2/models/run1/generate", json={"text_input": "hi", "parameters": {name: value}})
+        r = server.client.post(server.url + "/v2/models/run1/generate",
+                               json={"text_input": "hi", "parameters": {name: value}})
     assert r.status_code == 400, r.text
     answer = r.json()
     if protocol in ("get", "post"):
