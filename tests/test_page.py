@@ -366,12 +366,12 @@ def test_phone_width(make_page, site, api, limits, out_dir):
 def test_keyboard_alone(watched, site, api, limits, out_dir):
     page = open_page(watched, site, api.url, limits)
     order = []
-    for _ in range(9):
+    for _ in range(11):
         page.keyboard.press("Tab")
         order.append(page.evaluate("document.activeElement.id || document.activeElement.tagName"))
     # Stop is disabled while idle, so it is skipped; the server settings come last.
-    assert order == ["prefix", "length", "temperature", "top_k", "top_p", "truncate", "seed",
-                     "generate", "SUMMARY"], order
+    assert order == ["prefix", "length", "temperature", "top_k", "top_p", "truncate", "repetition_penalty",
+                     "bad_words", "seed", "generate", "SUMMARY"], order
     page.focus("#prefix")
     page.keyboard.type("Typed with keys ")
     page.keyboard.press("Control+Enter")
