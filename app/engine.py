@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from app.llama_engine import LlamaError, LlamaModel, Sampler
+from app.steering import Steps, controls
 from app.tokenizer import END_OF_TEXT, START_OF_TEXT, TextDecoder, Tokenizer
 
 EXPORT_COMMAND = "python -m finetune.export {}"
@@ -92,6 +93,8 @@ def check_export(run_dir, hparams):
 
 
 class GPT2:
+    blocklist = None  # the server's banned phrases (BLOCKLIST_FILE), a steering.Banned: set by app/main.py
+
     def __init__(self, run_dir):
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
@@ -148,15 +151,26 @@ class GPT2:
 # ---------------------------------------------------------------- sampling
 
 
-def samplers(temperature, top_k, top_p, seed, nsamples):
+def samplers(temperature, top_k, top_p, seed, nsamples, steering=None, steps=None, accepted=(),
+             top_p_replaces_top_k=True):
     """One sampler a sample, as gpt-2-simple's sample.py filters: divide by temperature, then top_p
     (if > 0) or else top_k (if > 0); llama.cpp's top_p keeps the most likely tokens up to the first
     whose cumulative probability reaches top_p, as gpt-2-simple does. Each sample's generator is seeded
     from the request's seed and the sample's number (a random seed when none is given), so a seed
-    gives the same texts again, and seeds 7 and 8 share no sample."""
+    gives the same texts again, and seeds 7 and 8 share no sample. steering, steps, accepted: what
+    app.steering.controls gives (Sampler's steering arguments; each sample's Steps' arguments; the
+    tokens each sampler accepts first). top_p_replaces_top_k=False (OpenAI's API, as vLLM) applies
+    top_k, then top_p."""
     if seed is None:
         seed = secrets.randbits(32)
-    return [Sampler(temperature, 0 if top_p > 0 else top_k, top_p, sample_seed(seed, i)) for i in range(nsamples)]
+    if top_p > 0 and top_p_replaces_top_k:
+        top_k = 0
+    chains = []
+    for i in range(nsamples):
+        chains.append(Sampler(temperature, top_k, top_p, sample_seed(seed, i), **(steering or {}),
+                              steps=Steps(**steps) if steps else None))
+        chains[-1].accept(accepted)
+    return chains
 
 
 def sample_seed(seed, i):
@@ -292,9 +306,14 @@ class Generation:
     (prompt_scores), the prompt computed in chunks (LlamaModel.score). A length of 0 samples nothing."""
 
     def __init__(self, model, prompt, *, prefix, length, temperature, top_k, top_p, seed, nsamples,
-                 truncate, include_prefix, strip_newlines=True, logprobs=None, score_prompt=False):
+                 truncate, include_prefix, strip_newlines=True, logprobs=None, score_prompt=False,
+                 top_p_replaces_top_k=True, **steering):
         self.model, self.prompt, self.length = model, prompt, length
-        self.samplers = samplers(temperature, top_k, top_p, seed, nsamples)
+        # Made when the generation starts, in its worker thread: tokenizing 1,000 bad_words takes tens of ms,
+        # which must not hold the event loop (nor be spent on a request the gate then refuses).
+        self.samplers = None
+        self.make_samplers = lambda: samplers(temperature, top_k, top_p, seed, nsamples,
+                                              *controls(model, prompt, **steering), top_p_replaces_top_k)
         self.samples = [SampleText(model.tokenizer, prefix, include_prefix, truncate, strip_newlines)
                         for _ in range(nsamples)]
         self.logprobs, self.score_prompt = logprobs, score_prompt
@@ -311,6 +330,7 @@ class Generation:
         B, T = len(samples), len(self.prompt)
         with self.model.lock:
             started = time.perf_counter()
+            self.samplers = self.samplers or self.make_samplers()
             if self.score_prompt:  # long: it stops between chunks when its client is gone
                 if not llama.score(self.prompt, self._read_prompt, self.stop.is_set):
                     return

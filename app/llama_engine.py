@@ -181,6 +181,9 @@ class LlamaModel:
             L.llama_model_free(self.model)
 
 
+BAN = -1e30  # a banned token's logit bias: exp() of it is 0, and it stays finite (no NaN when all are banned)
+
+
 class Scores:
     """Log-probabilities of one position's logits, computed by llama.cpp's own samplers (no NumPy):
     its `dist` sampler turns the logits into probabilities (softmax, float32), then `top_k` brings the
@@ -220,21 +223,79 @@ class Scores:
 
 
 class Sampler:
-    """llama.cpp's sampler chain: logits / temperature, then top_p (if > 0) and top_k (if > 0), then
-    a draw from the softmax of what is left with a generator (std::mt19937) of its own, seeded."""
+    """llama.cpp's sampler chain: logits / temperature, then top_k (if > 0) and top_p (if > 0), then
+    a draw from the softmax of what is left with a generator (std::mt19937) of its own, seeded.
 
-    def __init__(self, temperature, top_k, top_p, seed):
+    The steering controls (app/steering.py), each in the chain only when asked for: first llama.cpp's
+    logit bias (`logit_bias`: {token: bias}), then `steps`, Python's changes to the logits at each step
+    (an object with accept(token), and apply(logits) which reads and sets logits[token]), both before
+    the temperature; llama.cpp's min_p (`min_p`) after top_p. Every drawn token is accepted into the
+    chain (llama_sampler_sample does it); `accept` adds others (the prompt's)."""
+
+    def __init__(self, temperature, top_k, top_p, seed, *, n_vocab=0, min_p=0.0, logit_bias=None, steps=None):
         assert 0 <= seed < L.LLAMA_DEFAULT_SEED, seed  # LLAMA_DEFAULT_SEED would mean "a random seed"
         params = L.llama_sampler_chain_default_params()
         params.no_perf = True
         self.chain = L.llama_sampler_chain_init(params)
-        L.llama_sampler_chain_add(self.chain, L.llama_sampler_init_temp(temperature))
-        if top_p > 0:
-            L.llama_sampler_chain_add(self.chain, L.llama_sampler_init_top_p(top_p, 1))
+        if logit_bias:
+            entries = (L.llama_logit_bias * len(logit_bias))(*logit_bias.items())
+            self._add(L.llama_sampler_init_logit_bias(n_vocab, len(entries), entries))
+        if steps is not None:
+            self._add(self._python_sampler(steps))
+        self._add(L.llama_sampler_init_temp(temperature))
         if top_k > 0:
-            L.llama_sampler_chain_add(self.chain, L.llama_sampler_init_top_k(top_k))
-        L.llama_sampler_chain_add(self.chain, L.llama_sampler_init_dist(seed))
+            self._add(L.llama_sampler_init_top_k(top_k))
+        if top_p > 0:
+            self._add(L.llama_sampler_init_top_p(top_p, 1))
+        if min_p > 0:
+            self._add(L.llama_sampler_init_min_p(min_p, 1))
+        self._add(L.llama_sampler_init_dist(seed))
+
+    def _add(self, sampler):
+        L.llama_sampler_chain_add(self.chain, sampler)
+
+    def _python_sampler(self, steps):
+        """A sampler whose accept and apply are Python's `steps`."""
+
+        def accept(smpl, token):
+            steps.accept(token)
+
+        def apply(smpl, candidates):
+            steps.apply(Logits(candidates.contents))
+
+        self._callbacks = (L.llama_sampler_i_accept(accept), L.llama_sampler_i_apply(apply))
+        self._interface = L.llama_sampler_i(accept=self._callbacks[0], apply=self._callbacks[1])
+        return L.llama_sampler_init(ctypes.byref(self._interface), None)
+
+    def accept(self, tokens):
+        for token in tokens:
+            L.llama_sampler_accept(self.chain, token)
 
     def __del__(self):
         if getattr(self, "chain", None):
             L.llama_sampler_free(self.chain)
+
+
+class Logits:
+    """The candidates' logits by token id, read (`get`) and set (`set`) in place, several at a time (a
+    step's Python work is a few dozen tokens: one call each way). Early in the chain (before any sampler
+    that sorts or cuts) the candidates are the whole vocabulary in id order (llama_sampler_sample makes
+    them so): token t's logit is entry t's, read through a float view of the array (llama_token_data is
+    {id, logit, p})."""
+
+    def __init__(self, array):
+        self.floats = ctypes.cast(array.data, ctypes.POINTER(ctypes.c_float))
+        last = array.size - 1
+        self.index = None if array.data[last].id == last else {array.data[i].id: i for i in range(array.size)}
+
+    def _at(self, tokens):
+        return [3 * t + 1 for t in tokens] if self.index is None else [3 * self.index[t] + 1 for t in tokens]
+
+    def get(self, tokens):
+        floats = self.floats
+        return [floats[i] for i in self._at(tokens)]
+
+    def set(self, tokens, logits):
+        floats = self.floats
+        for i, logit in zip(self._at(tokens), logits):
+            floats[i] = logit

@@ -12,7 +12,8 @@ import ujson
 
 logger = logging.getLogger("app")
 LOG_PROMPTS = os.environ.get("LOG_PROMPTS") == "1"  # else a request's log line has its texts' lengths only
-TEXTS = ("prefix", "truncate", "stop", "user")  # what the user wrote: prompt, stop strings, OpenAI's user
+TEXTS = ("prefix", "truncate", "stop", "user", "bad_words")  # what the user wrote: prompt, stop strings, OpenAI's
+# user, banned words
 # Characters that end a line for some line-based readers (Python's splitlines, JavaScript) but that JSON
 # may leave raw: escaped, so that one log entry stays one line.
 LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
@@ -22,7 +23,10 @@ context = contextvars.ContextVar("log_context", default={})
 
 def private(params):
     """Generation parameters as logged: the user's texts (TEXTS) only as their lengths (`prefix_chars`;
-    a list of lengths for `stop`), unless LOG_PROMPTS=1."""
+    a list of lengths for `stop`), unless LOG_PROMPTS=1; a logit_bias as its number of entries (it may
+    have thousands)."""
+    if bias := params.get("logit_bias"):
+        params = {k: v for k, v in params.items() if k != "logit_bias"} | {"logit_bias_entries": len(bias)}
     if LOG_PROMPTS:
         return params
     logged = {}

@@ -17,7 +17,8 @@ Settings come from the environment: MODEL_DIR (default checkpoint/run1; read in 
 `python -m app` can start loading the model before it imports this file), ALLOWED_ORIGINS (comma
 separated, default *), QUEUE_SIZE (requests that may wait, default 4), PREFIX_MAX_CHARS (default 500),
 LOG_PROMPTS (1: log prompts; see app/logs.py), API_KEYS or API_KEYS_FILE (see app/auth.py), METRICS
-(0: no /metrics), GOOGLE_CLOUD_PROJECT (for trace-correlated logs; see app/tracing.py).
+(0: no /metrics), GOOGLE_CLOUD_PROJECT (for trace-correlated logs; see app/tracing.py), BLOCKLIST_FILE
+(words and phrases no answer may hold, one a line; see app/steering.py).
 """
 import contextlib
 import logging
@@ -30,7 +31,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from app import auth, generate, logs, metrics, native, openai_api, openapi, tokenizer_api, tracing, v2
+from app import auth, generate, logs, metrics, native, openai_api, openapi, steering, tokenizer_api, tracing, v2
 from app.engine import GPT2, MAX_NSAMPLES, MODEL_DIR
 from app.gate import Gate
 from app.http import error_handlers
@@ -59,11 +60,19 @@ def api_keys():
         fail(str(e))
 
 
+def blocklist():
+    try:
+        return steering.blocklist(os.environ)
+    except steering.BlocklistError as e:
+        fail(str(e))
+
+
 ALLOWED_ORIGINS = [o.strip() for o in os.environ.get("ALLOWED_ORIGINS", "*").split(",") if o.strip()]
 QUEUE_SIZE = env_int("QUEUE_SIZE", 4)
 PREFIX_MAX_CHARS = env_int("PREFIX_MAX_CHARS", 500)
 STATIC_DIR = Path(__file__).parent / "static"
 API_KEYS = api_keys()
+BLOCKLIST = blocklist()
 METRICS = os.environ.get("METRICS", "1") != "0"
 TRACE_PROJECT = tracing.project()  # on Cloud Run without GOOGLE_CLOUD_PROJECT: asks the metadata server
 
@@ -74,13 +83,15 @@ async def lifespan(app):
     if getattr(app.state, "model", None) is None:  # `python -m app` loads it before binding the port
         app.state.model = GPT2(MODEL_DIR)
     model = app.state.model
+    model.blocklist = steering.Banned(BLOCKLIST, model.tokenizer)  # every request's bad_words include these
     app.state.name = model.run_dir.resolve().name  # the model's name in /v1 and /v2: its run folder's
     app.state.table = parameters(model.n_ctx, model.n_vocab, PREFIX_MAX_CHARS, MAX_NSAMPLES, model.text_format)
     app.state.openai_table = openai_api.parameters(app.state.table)
     app.state.gate = Gate(QUEUE_SIZE)  # `python -m app` drains it on SIGTERM
     log(logging.INFO, f"serving {model.run_dir} ({model.manifest['checkpoint']})", n_layer=model.n_layer,
         n_embd=model.n_embd, n_ctx=model.n_ctx, n_vocab=model.n_vocab, text_format=model.text_format,
-        allowed_origins=ALLOWED_ORIGINS, api_keys=len(API_KEYS), metrics=METRICS, trace_project=TRACE_PROJECT)
+        allowed_origins=ALLOWED_ORIGINS, api_keys=len(API_KEYS), blocklist=len(BLOCKLIST), metrics=METRICS,
+        trace_project=TRACE_PROJECT)
     yield
     log(logging.INFO, "shut down")
 

@@ -8,8 +8,8 @@ from app.engine import Generation
 from app.gate import run
 from app.http import BODY_MAX_BYTES, UJSONResponse, json_params, query_params, read_body, sse
 from app.params import ParamError, limits, parse, prompt_for
-from app.schema import (GENERATES, INTEGER, NUMBER, STRING, STRINGS, budget, get, json_body, obj, responses,
-                        schema, sse_content)
+from app.schema import (GENERATES, INTEGER, NUMBER, STRING, STRINGS, budget, get, json_body, obj, query_schema,
+                        responses, schema, sse_content)
 
 
 def shape(status, message, retry_after=None):
@@ -80,7 +80,7 @@ def paths(state):
         "/": {
             "get": {"summary": "Generate text (parameters in the query string)", "operationId": "generate_get",
                     "description": work,
-                    "parameters": [{"name": n, "in": "query", "required": False, "schema": schema(spec)}
+                    "parameters": [{"name": n, "in": "query", "required": False, "schema": query_schema(spec)}
                                    for n, spec in table.items()],
                     "responses": generate},
             "post": {"summary": "Generate text (parameters in a JSON body)", "operationId": "generate_post",

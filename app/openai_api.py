@@ -20,14 +20,13 @@ from app.engine import Generation
 from app.tokenizer import TextDecoder
 from app.gate import run
 from app.http import UJSONResponse, json_params, read_body, sse
-from app.params import Boolean, Integer, Number, ParamError, Stop, Text, check, kind, prompt_for
+from app.params import STEERING, Boolean, Integer, Number, ParamError, Stop, Text, check, kind, prompt_for
 from app.schema import (BOOLEAN, GENERATES, INTEGER, NUMBER, STRING, STRINGS, budget, get, json_body, obj,
                         responses, schema, sse_content)
 
 # What a neutral value looks like for each parameter we do not support: those values are accepted
 # (clients such as LangChain send them), anything else is refused naming the parameter.
-UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1), "presence_penalty": (None, 0),
-               "frequency_penalty": (None, 0), "logit_bias": (None, {})}
+UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1)}
 # Our engine's parameter -> OpenAI's name for it, to name the right one in errors.
 OPENAI_NAMES = {"prefix": "prompt", "length": "max_tokens", "nsamples": "n", "truncate": "stop",
                 "include_prefix": "echo"}
@@ -50,6 +49,8 @@ def parameters(table):
         "logprobs": Integer(None, 0, 5),  # OpenAI's most
         "user": Text(None, 256),  # accepted, ignored
         "metadata": Metadata(),  # accepted, ignored
+        "top_k": Integer(0, -1, table["top_k"].high),  # vLLM's and llama-server's; -1 (vLLM's) or 0: off
+        **{name: table[name] for name in STEERING},  # presence_penalty, frequency_penalty, logit_bias: OpenAI's
     }
 
 
@@ -150,7 +151,10 @@ def engine_arguments(values, table, prompt=""):
             "length": values["max_tokens"], "nsamples": values["n"], "logprobs": values["logprobs"],
             "score_prompt": values["echo"] and values["logprobs"] is not None,
             "seed": values["seed"], "temperature": 1.0 if greedy else values["temperature"],
-            "top_k": 1 if greedy else 0, "top_p": 0.0 if greedy or values["top_p"] == 1 else values["top_p"],
+            "top_k": 1 if greedy else max(values["top_k"], 0),
+            "top_p": 0.0 if greedy or values["top_p"] == 1 else values["top_p"],
+            "top_p_replaces_top_k": False,  # both apply, top_k first (as vLLM)
+            **{name: values[name] for name in STEERING},
             "truncate": values["stop"],  # the engine stops each choice at its first stop string
             "include_prefix": False,  # echo adds the prompt here, exactly as given
             "strip_newlines": False}  # a completion is exactly what was generated

@@ -3,6 +3,7 @@ prompt's check against the model's context.
 
 Every rejection is a ParamError whose message names the parameter and what it accepts.
 """
+import json
 import math
 import re
 
@@ -112,6 +113,91 @@ class Text:
         return {"type": self.type, "default": self.default, "max_chars": self.max_chars}
 
 
+def from_json_text(value):
+    """A query string's (or a V2 parameter's) value for a list or object parameter: JSON text, parsed; None
+    when it is not JSON."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):
+        return None
+
+
+class LogitBias:
+    """OpenAI's logit_bias: {token id: bias from -100 to 100}, the id as a JSON key ("50256"); -100 bans the
+    token. JSON text in a query string. At most one entry per token of the vocabulary."""
+    type = "object"
+    default = None
+
+    def __init__(self, n_vocab):
+        self.n_vocab = n_vocab
+
+    def describe(self):
+        return (f"an object of token ids (0 to {self.n_vocab - 1}) to numbers from -100 to 100 (-100 bans the "
+                "token), such as {\"50256\": -100}")
+
+    def parse(self, value):
+        value = from_json_text(value)
+        if not isinstance(value, dict):
+            return None
+        bias = {}
+        for key, number in value.items():
+            key = key if isinstance(key, str) else None
+            if not (key and key.isascii() and key.isdigit() and len(key) <= 9 and int(key) < self.n_vocab):
+                return None
+            if type(number) not in (int, float) or not -100 <= number <= 100:  # NaN fails too
+                return None
+            bias[int(key)] = float(number)
+        return bias
+
+    def limits(self):
+        return {"type": self.type, "default": None, "min": -100, "max": 100, "max_items": self.n_vocab}
+
+
+class Phrases:
+    """vLLM's bad_words: a list of words or phrases (app/steering.py says what is banned). JSON text in a
+    query string."""
+    type = "array"
+    default = None
+
+    def __init__(self, max_items, max_chars):
+        self.max_items, self.text = max_items, Text(None, max_chars)
+
+    def describe(self):
+        return (f"a list of up to {self.max_items} words or phrases of at most {self.text.max_chars} characters "
+                "(JSON text in a query string, such as [\"heck\", \"oh no\"])")
+
+    def parse(self, value):
+        value = from_json_text(value)
+        if not isinstance(value, list) or len(value) > self.max_items:
+            return None
+        if any(self.text.parse(item) is None for item in value):
+            return None
+        return [item.strip() for item in value if item.strip()]
+
+    def limits(self):
+        return {"type": self.type, "default": None, "max_items": self.max_items, "max_chars": self.text.max_chars}
+
+
+BAD_WORDS_MAX, BAD_WORD_MAX_CHARS = 1000, 100  # what a request may ban (measured: docs/serving.md)
+STEERING = ("min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias", "bad_words")
+
+
+def steering(n_vocab):
+    """The sampling controls beyond gpt-2-simple's (app/steering.py applies them), on every protocol:
+    STEERING's names."""
+    return {
+        "min_p": Number(0.0, 0.0, 1.0),
+        # Not near 0: a positive logit divided by it must stay finite in float32 (as for the temperature).
+        "repetition_penalty": Number(1.0, 0.01, 2.0),
+        "frequency_penalty": Number(0.0, -2.0, 2.0),
+        "presence_penalty": Number(0.0, -2.0, 2.0),
+        "logit_bias": LogitBias(n_vocab),
+        "bad_words": Phrases(BAD_WORDS_MAX, BAD_WORD_MAX_CHARS),
+    }
+
+
 def parameters(n_ctx, n_vocab, prefix_max_chars=500, max_nsamples=4, text_format="plain"):
     """The parameter table for a model; order is the documented order. For a model trained on
     <|startoftext|>...<|endoftext|> texts ("delimited"), the defaults make one whole text: start
@@ -129,11 +215,14 @@ def parameters(n_ctx, n_vocab, prefix_max_chars=500, max_nsamples=4, text_format
         "seed": Integer(None, 0, 2**32 - 1),
         "nsamples": Integer(1, 1, max_nsamples),
         "stream": Boolean(False),
+        **steering(n_vocab),
     }
 
 
 HINTS = {"temperature": " (for greedy decoding use top_k=1)", "top_k": " (0 turns it off)",
-         "top_p": " (0 turns it off)", "seed": " (leave it out for a random one)"}
+         "top_p": " (0 turns it off)", "seed": " (leave it out for a random one)", "min_p": " (0 turns it off)",
+         "repetition_penalty": " (1 turns it off)", "frequency_penalty": " (0 turns it off)",
+         "presence_penalty": " (0 turns it off)"}
 
 
 class Stop:
@@ -170,10 +259,10 @@ def check(table, given, hints=None):
             continue
         parsed = spec.parse(value)
         if parsed is None:
-            if isinstance(spec, (Text, Stop)) and has_lone_surrogate(value):
+            if isinstance(spec, (Text, Stop, Phrases)) and has_lone_surrogate(value):
                 raise ParamError(f"{name} must be a string of whole characters, got a lone surrogate (half of a "
                                  "UTF-16 pair, such as \\ud83d from a cut emoji)", name)
-            shown = kind(value) if isinstance(spec, (Text, Stop)) else \
+            shown = kind(value) if isinstance(spec, (Text, Stop, Phrases)) else \
                 repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
             raise ParamError(f"{name} must be {spec.describe()}{(hints or {}).get(name, '')}, got {shown}", name)
         values[name] = parsed

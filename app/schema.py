@@ -2,9 +2,12 @@
 the checks use (so the description cannot drift from them), and the shapes of answers. Each protocol
 describes its own paths with these; app/openapi.py puts them together."""
 from app.http import BODY_MAX_BYTES, BODY_SECONDS
-from app.params import Stop
+from app.params import LogitBias, Phrases, Stop
 
 LIMIT_KEYWORDS = {"min": "minimum", "max": "maximum", "min_exclusive": "exclusiveMinimum", "max_chars": "maxLength"}
+
+
+JSON_TEXT = {"type": "string", "contentMediaType": "application/json"}  # a list or object as JSON text
 
 
 def schema(spec):
@@ -13,11 +16,30 @@ def schema(spec):
     if isinstance(spec, Stop):
         text = {"type": "string", "maxLength": limits["max_chars"]}
         return {"anyOf": [text, {"type": "array", "items": text, "maxItems": limits["max_items"]}, {"type": "null"}]}
+    if isinstance(spec, (LogitBias, Phrases)):  # or as JSON text: a query string's, a V2 parameter's
+        return {"anyOf": [structured(spec), {**JSON_TEXT, "contentSchema": structured(spec)}, {"type": "null"}]}
     result = {"type": [limits["type"], "null"]}
     result.update({LIMIT_KEYWORDS[k]: v for k, v in limits.items() if k in LIMIT_KEYWORDS})
     if limits["default"] is not None:
         result["default"] = limits["default"]
     return result
+
+
+def structured(spec):
+    """The JSON Schema of a list or object parameter's value."""
+    limits = spec.limits()
+    if isinstance(spec, LogitBias):
+        return {"type": "object", "propertyNames": {"pattern": "^[0-9]{1,9}$"}, "maxProperties": limits["max_items"],
+                "additionalProperties": {"type": "number", "minimum": limits["min"], "maximum": limits["max"]}}
+    return {"type": "array", "items": {"type": "string", "maxLength": limits["max_chars"]},
+            "maxItems": limits["max_items"]}
+
+
+def query_schema(spec):
+    """JSON Schema for one parameter in a query string: a list or object parameter is JSON text there."""
+    if isinstance(spec, (LogitBias, Phrases)):
+        return {"type": ["string", "null"], "contentMediaType": "application/json", "contentSchema": structured(spec)}
+    return schema(spec)
 
 
 def obj(properties, required=(), **extra):

@@ -233,12 +233,12 @@ def free_port():
 
 class Server:
     """A server in a child process, on a free port, with its log in a file: `python -m app` serving
-    model_dir, or the process `command(port)` starts (llama-server)."""
+    model_dir (with the settings `env` adds), or the process `command(port)` starts (llama-server)."""
 
-    def __init__(self, model_dir, threads, log_path, command=None):
+    def __init__(self, model_dir, threads, log_path, command=None, env=None):
         self.port = free_port()
         self.name = "llama-server" if command else "our server"
-        env = thread_env(threads)
+        env = {**thread_env(threads), **(env or {})}
         env.update(PORT=str(self.port), MODEL_DIR=str(model_dir))
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path

@@ -105,23 +105,25 @@ def tiny_corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
 
 
-def _tiny_run_key():
+def _run_key(text, args):
     digest = hashlib.sha256()
     for path in sorted((ROOT / "finetune").glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
-    digest.update(repr((TINY_MODEL_ARGS, TINY_TRAIN_ARGS, corpus_text())).encode())
+    digest.update(repr((args, text)).encode())
     return digest.hexdigest()[:16]
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, tiny_corpus):
-    cached = OUT / "cache" / f"tiny_run-{_tiny_run_key()}" / "run1"
+def trained_run(tmp_path_factory, name, text, args):
+    """A run folder trained from scratch on `text` with `python -m finetune ARGS`, cached under
+    tests/out/cache/ as tiny_run is (see the module's docstring); each call gets its own copy."""
+    cached = OUT / "cache" / f"{name}-{_run_key(text, args)}" / "run1"
     use_cache = os.environ.get("TINY_RUN_NO_CACHE") != "1"
     if not (use_cache and (cached / "weights" / "manifest.json").is_file()):
-        checkpoint_dir = tmp_path_factory.mktemp("tiny_build")
-        result = run_finetune(*TINY_MODEL_ARGS, *TINY_TRAIN_ARGS, "--dataset", tiny_corpus,
-                              "--run-name", "run1", "--checkpoint-dir", checkpoint_dir)
-        assert result.returncode == 0, f"building tiny_run failed:\n{result.stdout}\n{result.stderr}"
+        checkpoint_dir = tmp_path_factory.mktemp(f"{name}_build")
+        corpus = checkpoint_dir / "corpus.txt"
+        corpus.write_text(text, encoding="utf-8")
+        result = run_finetune(*args, "--dataset", corpus, "--run-name", "run1", "--checkpoint-dir", checkpoint_dir)
+        assert result.returncode == 0, f"building {name} failed:\n{result.stdout}\n{result.stderr}"
         built = checkpoint_dir / "run1"
         if not use_cache:
             return built
@@ -133,9 +135,15 @@ def tiny_run(tmp_path_factory, tiny_corpus):
             os.rename(staging, cached)
         except OSError:  # another session cached it first
             shutil.rmtree(staging, ignore_errors=True)
-    run = tmp_path_factory.mktemp("tiny_run") / "run1"
+    run = tmp_path_factory.mktemp(name) / "run1"
     shutil.copytree(cached, run)
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_corpus):
+    return trained_run(tmp_path_factory, "tiny_run", tiny_corpus.read_text(encoding="utf-8"),
+                       [*TINY_MODEL_ARGS, *TINY_TRAIN_ARGS])
 
 
 @pytest.fixture(scope="session")

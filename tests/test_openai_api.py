@@ -106,7 +106,7 @@ def test_stop(client):
     ({"prompt": []}, "prompt"),
     ({"prompt": ["one", [1, 2]]}, "prompt"),
     ({"prompt": ["one", "two"], "stream": True}, "prompt"),
-    ({"extra_body": {"top_k": 3}}, "top_k"),
+    ({"extra_body": {"top_k": -2}}, "top_k"),
     ({"max_tokens": 1022}, "max_tokens"),  # with the prompt's 5 tokens it is past n_ctx
 ])
 def test_refusals_are_bad_request_errors_naming_the_parameter(client, params, param):

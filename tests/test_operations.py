@@ -102,7 +102,8 @@ def test_generate_stream_sends_the_same_text_piece_by_piece(server):
     ({"text_input": TEXT, "parameters": {"stop": ["a", "b"]}}, "stop must be a string or a list of up to 1"),
     ({"text_input": TEXT, "parameters": {"stop": "x" * 101}}, "stop must be"),
     ({"text_input": TEXT, "parameters": {"nsamples": 2}}, "unknown parameter 'nsamples'"),
-    ({"text_input": TEXT, "bad_words": ""}, "unknown parameter 'bad_words'"),
+    ({"text_input": TEXT, "stop_words": ""}, "unknown parameter 'stop_words'"),
+    ({"text_input": TEXT, "bad_words": ""}, "bad_words must be a list"),  # vLLM's, ours too now (issue 26)
     ({"text_input": TEXT, "parameters": {"stream": True}}, "stream=true is for generate_stream"),
     ({"text_input": TEXT, "parameters": {"temperature": 9}}, "temperature must be"),
     ({"text_input": TEXT, "parameters": {"length": 1023}}, "length must be at most"),

@@ -366,12 +366,12 @@ def test_phone_width(make_page, site, api, limits, out_dir):
 def test_keyboard_alone(watched, site, api, limits, out_dir):
     page = open_page(watched, site, api.url, limits)
     order = []
-    for _ in range(9):
+    for _ in range(11):
         page.keyboard.press("Tab")
         order.append(page.evaluate("document.activeElement.id || document.activeElement.tagName"))
     # Stop is disabled while idle, so it is skipped; the server settings come last.
-    assert order == ["prefix", "length", "temperature", "top_k", "top_p", "truncate", "seed",
-                     "generate", "SUMMARY"], order
+    assert order == ["prefix", "length", "temperature", "top_k", "top_p", "truncate", "repetition_penalty",
+                     "bad_words", "seed", "generate", "SUMMARY"], order
     page.focus("#prefix")
     page.keyboard.type("Typed with keys ")
     page.keyboard.press("Control+Enter")
@@ -505,4 +505,34 @@ def test_a_delimited_runs_defaults_fill_the_fields_and_answer_whole_texts(watche
     page.click("#generate")
     wait_done(page)
     assert (bodies[-1]["prefix"], bodies[-1]["truncate"]) == ("", "")
+    assert not watched.errors
+
+
+def test_repetition_penalty_and_banned_words_fields(watched, site, api, limits, out_dir):
+    page = open_page(watched, site, api.url, limits)
+    penalty = limits["repetition_penalty"]
+    expect(page.locator("#repetition_penalty-hint")).to_have_text(
+        f"{penalty['min']:g}–{penalty['max']:g} · 1 = off; 1.2 curbs loops (CTRL's penalty)")
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.method == "POST" else None)
+    fill(page, "<|startoftext|>my dog", length=30, seed=3, temperature=1, top_k=0, repetition_penalty=1.3)
+    page.fill("#bad_words", " likes, the red ball ,")
+    page.click("#generate")
+    wait_done(page)
+    page.screenshot(path=out_dir / "steering.png", full_page=True)
+    assert sent[-1]["repetition_penalty"] == 1.3 and sent[-1]["bad_words"] == ["likes", "the red ball"]
+    # What the page shows is the server's answer to what it sent, which holds no banned word.
+    answer = httpx.post(api.url + "/", json={**sent[-1], "stream": False}, timeout=30).json()
+    prefix, generated = shown(page)
+    assert "<|startoftext|>" + prefix + generated == answer["text"] and generated  # the page hides the marker
+    assert not re.search(r"\blikes\b|\bthe red ball\b", generated, re.I), generated
+    # Out of range: the server's message under the field.
+    page.fill("#repetition_penalty", "3")
+    page.click("#generate")
+    error = page.locator("#repetition_penalty-error")
+    expect(error).to_be_visible()
+    direct = httpx.post(api.url + "/", json={"repetition_penalty": 3}, timeout=30).json()
+    assert direct["parameter"] == "repetition_penalty"
+    expect(error).to_have_text(direct["error"])
+    expect(page.locator("#repetition_penalty")).to_have_attribute("aria-invalid", "true")
     assert not watched.errors
