@@ -98,7 +98,11 @@ def write_tokenizer(folder, encoder, merges, n_ctx):
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     tokenizer.add_special_tokens([AddedToken(END_OF_TEXT, special=True, normalized=False)])
-    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    # Merges as "a b" strings, the form every tokenizers release reads (0.20 and later write pairs, which
+    # the 0.19 that MLServer's HuggingFace runtime needs cannot read); byte-level pieces hold no space.
+    data = json.loads(tokenizer.to_str())
+    data["model"]["merges"] = [" ".join(pair) if isinstance(pair, list) else pair for pair in data["model"]["merges"]]
+    write_json(os.path.join(folder, "tokenizer.json"), data)
     end = encoder[END_OF_TEXT]
     config = {
         "tokenizer_class": "GPT2Tokenizer",

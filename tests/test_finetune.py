@@ -367,9 +367,9 @@ def test_a_failed_export_keeps_the_previous_one(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("args,code,message", [
     ([], 2, "error: the following arguments are required: run_dir "
-            "(usage: python -m finetune.export RUN_DIR [--quant TYPE])"),
+            "(usage: python -m finetune.export RUN_DIR [--quant TYPE | --format hf])"),
     (["{tmp}", "--quant", "Q2"], 2, "error: argument --quant: invalid choice: 'Q2' (choose from 'F32', 'F16', "
-                                    "'Q8_0', 'Q5_K_M', 'Q4_K_M') (usage: python -m finetune.export RUN_DIR [--quant TYPE])"),
+                                    "'Q8_0', 'Q5_K_M', 'Q4_K_M') (usage: python -m finetune.export RUN_DIR [--quant TYPE | --format hf])"),
     (["{tmp}"], 1, "error: {tmp} has no 'checkpoint' file: not a gpt-2-simple run folder"),
     (["{tmp}/nothing"], 1, "error: run folder {tmp}/nothing does not exist"),
 ])

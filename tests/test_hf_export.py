@@ -60,12 +60,14 @@ def run(tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_124m():
-    """A 124M-shaped run with random weights and a 50,257-token tokenizer (bench/make_model.py; built
-    once into tests/out, about 2 minutes on two cores), exported."""
+    """A 124M-shaped run with random weights and a 50,257-token tokenizer (bench/make_model.py), exported.
+    Built once per user, as test_container's base image is (~/.cache/gpt2-run-tests): training its
+    tokenizer takes minutes, and a fresh clone need not pay them again (make_model reuses a matching folder)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from make_model import SHAPE_124M, build
 
-    run = build(ROOT / "tests" / "out" / "hf-124M", SHAPE_124M)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-run-tests"
+    run = build(cache / "hf-124M", SHAPE_124M)
     result = export(run)
     assert result.returncode == 0, result.stderr
     return run

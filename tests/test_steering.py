@@ -353,8 +353,11 @@ NEUTRAL = {"min_p": 0, "repetition_penalty": 1, "frequency_penalty": 0, "presenc
      "prefix": "<|startoftext|>the cat"},
 ])
 def test_without_the_controls_answers_are_what_the_unchanged_chain_gives(server, model, params):
-    texts_, tokens, reasons = unchanged(model, params.get("prefix", ""), **{k: v for k, v in params.items()
-                                                                             if k != "prefix"})
+    from app.params import parameters, parse
+    # the server's reading of the request (a delimited run's defaults: tests/test_whole_texts.py)
+    values = parse(parameters(model.n_ctx, model.n_vocab, text_format=model.text_format), params)
+    texts_, tokens, reasons = unchanged(model, values["prefix"], **{k: values[k] for k in (
+        "length", "temperature", "top_k", "top_p", "seed", "nsamples", "include_prefix", "truncate")})
     for body in (params, {**params, **NEUTRAL}):
         answer = server.client.post(server.url + "/", json=body, timeout=60).json()
         assert answer.get("texts", [answer["text"]]) == texts_ and answer["tokens"] == tokens

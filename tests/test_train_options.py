@@ -121,7 +121,16 @@ def test_recompute_gives_the_same_loss_and_gradients(base, accumulate):
 
 
 def test_bf16_trains_and_moves_between_precisions(base):
-    """fp32 -> bf16 -> fp32 through the same checkpoints, which stay float32."""
+    """fp32 -> bf16 -> fp32 through the same checkpoints, which stay float32. On a CPU without bfloat16
+    (plain AVX2: no AMX, no AVX512-BF16) what --precision bf16 guarantees is a one-line refusal."""
+    from finetune.precision import cpu_has_bf16
+    if not cpu_has_bf16():
+        run_dir, corpus = base
+        result = run_finetune("--dataset", corpus, "--checkpoint-dir", run_dir.parent, "--run-name", run_dir.name,
+                              *TINY_MODEL_ARGS, "--steps", 1, *STEP_ARGS, "--precision", "bf16")
+        assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+        assert "--precision bf16 needs a CPU with AMX or AVX512-BF16" in result.stderr
+        return
     run_dir, out = continue_run(base, "bf16", "--precision", "bf16", "--accumulate-gradients", "1", steps=3)
     assert "in bfloat16" in out
     _, dtypes = weights(run_dir)
