@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_model  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from finetune import fit  # noqa: E402
-from report import fmt  # noqa: E402
+from report import fmt, write_outputs  # noqa: E402
 from serve import SMALL_SHAPE, BenchError, machine, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,21 +157,6 @@ def chart(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def write_outputs(out, results, stem="finetune", make_table=None, make_chart=None):
-    """STEM.json, .md and .png (the default mode's table and chart unless others are given), each
-    written to a temp file and renamed into place."""
-    text = (make_table or table)(results)
-    names = [f"{stem}.json", f"{stem}.md", f"{stem}.png"]
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        tmp = Path(tmp)
-        (tmp / names[0]).write_text(json.dumps(results, indent=1) + "\n")
-        (tmp / names[1]).write_text(text + "\n")
-        (make_chart or chart)(results, tmp / names[2])
-        for name in names:
-            os.replace(tmp / name, out / name)
-    return text
 
 
 def at_least_2(text):
@@ -402,7 +387,7 @@ def main():
                "model": {"run_dir": str(model), "hparams": json.loads((model / "hparams.json").read_text()),
                          "weights": "random weights"},
                "runs": runs}
-    print(write_outputs(out, results))
+    print(write_outputs(out, results, "finetune", table, chart))
     print(f"\nwrote {out / 'finetune.md'}, {out / 'finetune.png'}, {out / 'finetune.json'}")
 
 

@@ -1,4 +1,10 @@
-"""Medians, the table (markdown) and the chart (PNG) of bench/serve.py's raw figures."""
+"""Medians, the table (markdown) and the chart (PNG) of bench/serve.py's raw figures; and the one writer
+of every bench's STEM.json, .md and .png."""
+import json
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 
 NAMES = {"baseline": "gpt-2-simple", "ours": "our server"}
@@ -384,3 +390,18 @@ def contenders_chart(results, axes):
     ax.bar([NAMES[n] for n in names], [s[n]["early_stop_tokens"] for n in names], color=[colors[n] for n in names])
     ax.set_ylabel("tokens computed (median)")
     ax.set_title(f"Early stop: answer ending in <|endoftext|>, length {results['settings']['early_stop_length']}")
+
+
+def write_outputs(out, results, stem, make_table, make_chart):
+    """STEM.json, STEM.md (make_table's text, returned) and STEM.png (make_chart's), each written to a
+    temp file and renamed into place."""
+    text = make_table(results)
+    names = [f"{stem}.json", f"{stem}.md", f"{stem}.png"]
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tmp = Path(tmp)
+        (tmp / names[0]).write_text(json.dumps(results, indent=1) + "\n")
+        (tmp / names[1]).write_text(text + "\n")
+        make_chart(results, tmp / names[2])
+        for name in names:
+            os.replace(tmp / name, out / name)
+    return text

@@ -15,16 +15,15 @@ scoring.json to --out (default bench/out).
 import argparse
 import datetime
 import json
-import os
 import random
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve import SMALL_SHAPE, Server, build_random, machine  # noqa: E402
 import make_model  # noqa: E402
+from report import write_outputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS = 1000
@@ -135,15 +134,7 @@ def main():
                "model": {"hparams": hparams, "quant": json.loads((model / "weights" / "manifest.json").read_text())
                          .get("quant", "Q8_0")},
                "times": times, "memory": memory}
-    table = markdown(results)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        tmp = Path(tmp)
-        (tmp / "scoring.json").write_text(json.dumps(results, indent=1) + "\n")
-        (tmp / "scoring.md").write_text(table + "\n")
-        chart(results, tmp / "scoring.png")
-        for file in ("scoring.json", "scoring.md", "scoring.png"):
-            os.replace(tmp / file, out / file)
-    print(table)
+    print(write_outputs(out, results, "scoring", markdown, chart))
     print(f"\nwrote {out / 'scoring.md'}, {out / 'scoring.png'}, {out / 'scoring.json'}")
 
 

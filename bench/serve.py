@@ -550,19 +550,6 @@ def image_mb():
     return json.loads(path.read_text()).get("image_mb") if path.exists() else None
 
 
-def write_outputs(out, results):
-    """serve.json, serve.md and serve.png, each written to a temp file and renamed into place."""
-    table = report.table(results)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        tmp = Path(tmp)
-        (tmp / "serve.json").write_text(json.dumps(results, indent=1) + "\n")
-        (tmp / "serve.md").write_text(table + "\n")
-        report.chart(results, tmp / "serve.png")
-        for name in ["serve.json", "serve.md", "serve.png"]:
-            os.replace(tmp / name, out / name)
-    return table
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a small model and few requests")
@@ -636,7 +623,7 @@ def main():
         }
     results["peer"] = peer  # our server and llama-server, round by round
     results["summary"] = report.summarize(results)
-    print(write_outputs(out, results))
+    print(report.write_outputs(out, results, "serve", report.table, report.chart))
     print(f"\nwrote {out / 'serve.md'}, {out / 'serve.png'}, {out / 'serve.json'}")
 
 

@@ -24,7 +24,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -301,15 +300,7 @@ def main():
                "repeats": 2 if args.quick else 5, "load_average": [load_before, os.getloadavg()[0]],
                "http": http, "chain": chain}
     results["summary"] = summarize(results)
-    text = table(results)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        tmp = Path(tmp)
-        (tmp / "steering.json").write_text(json.dumps(results, indent=1) + "\n")
-        (tmp / "steering.md").write_text(text + "\n")
-        chart(results, tmp / "steering.png")
-        for file in ("steering.json", "steering.md", "steering.png"):
-            os.replace(tmp / file, out / file)
-    print(text)
+    print(report.write_outputs(out, results, "steering", table, chart))
     print(f"\nwrote {out / 'steering.md'}, {out / 'steering.png'}, {out / 'steering.json'}")
 
 
