@@ -52,11 +52,6 @@ def spellings(phrase):
     return list(dict.fromkeys(space + text for text in cased for space in ("", " ")))
 
 
-@functools.lru_cache(maxsize=8192)  # 1,000 words' spellings; a client may send the same list each time
-def spelled(tokenizer, spelling):
-    return tuple(tokenizer.encode(spelling))
-
-
 class Banned:
     """Banned phrases, tokenized: `tokens`, the spellings of one token; `endings`, for those of several,
     the token that would complete one, keyed by the token before it: {that token: [(the tokens before
@@ -64,17 +59,22 @@ class Banned:
 
     def __init__(self, phrases, tokenizer):
         self.tokens, self.endings, self.longest = set(), collections.defaultdict(list), 1
-        for phrase in dict.fromkeys(phrases):
-            for spelling in spellings(phrase):
-                ids = spelled(tokenizer, spelling)
-                if len(ids) == 1:
-                    self.tokens.add(ids[0])
-                elif ids:
-                    self.endings[ids[-2]].append((ids[:-1], ids[-1]))
-                    self.longest = max(self.longest, len(ids))
+        every = [spelling for phrase in dict.fromkeys(phrases) for spelling in spellings(phrase)]
+        for ids in map(tuple, tokenizer.encode_each(every)):
+            if len(ids) == 1:
+                self.tokens.add(ids[0])
+            elif ids:
+                self.endings[ids[-2]].append((ids[:-1], ids[-1]))
+                self.longest = max(self.longest, len(ids))
 
     def __bool__(self):
         return bool(self.tokens or self.endings)
+
+
+@functools.lru_cache(maxsize=16)  # a client may send the same list with every request
+def banned_phrases(phrases, tokenizer):
+    """Banned(phrases, tokenizer) for a tuple of phrases, set up once for the last 16 lists."""
+    return Banned(phrases, tokenizer)
 
 
 class Steps:
@@ -127,7 +127,7 @@ def controls(model, prompt, *, min_p=0.0, repetition_penalty=1.0, frequency_pena
     Steps must accept first) for a request's values; ({}, None, []) when none is on, so that the chain and
     every answer stay what they were without them. The server's blocklist (model.blocklist, a Banned)
     applies to every request."""
-    banned = [b for b in (model.blocklist, Banned(bad_words or (), model.tokenizer)) if b]
+    banned = [b for b in (model.blocklist, banned_phrases(tuple(bad_words or ()), model.tokenizer)) if b]
     bias = {token: BAN if value == -100 else value for token, value in (logit_bias or {}).items() if value}
     for b in banned:
         bias.update(dict.fromkeys(b.tokens, BAN))

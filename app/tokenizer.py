@@ -11,9 +11,14 @@ incrementally (see TextDecoder).
 """
 import codecs
 import json
+import re
 from pathlib import Path
 
 from app.llama_engine import LlamaModel
+
+# A text GPT-2's pre-tokenizer splits on its own when it stands between newlines: no newline in it, no
+# blank at its end, and at most one space (then no blank) at its start.
+JOINABLE = re.compile(r" ?[^\s](?:[^\n]*[^\s])?")
 
 END_OF_TEXT = "<|endoftext|>"
 START_OF_TEXT = "<|startoftext|>"  # gpt-2-simple's marker before each text: ordinary pieces to the model
@@ -39,6 +44,20 @@ class Tokenizer:
 
     def encode(self, text, special=False):
         return self._vocabulary().tokenize(text, special)
+
+    def encode_each(self, texts):
+        """[encode(text) for text in texts], with the JOINABLE ones encoded in one call, joined by newlines:
+        a call's own cost is most of a short text's (1,000 banned words' 6,000 spellings: 139 ms one by
+        one, 48 ms joined). If the newlines do not split the tokens back into as many texts, one by one."""
+        joinable = [text for text in texts if JOINABLE.fullmatch(text)]
+        newline, pieces = self.encode("\n"), [[]]
+        for token in self.encode("\n".join(joinable)) if joinable and len(newline) == 1 else ():
+            if token == newline[0]:
+                pieces.append([])
+            else:
+                pieces[-1].append(token)
+        encoded = dict(zip(joinable, pieces)) if len(pieces) == len(joinable) else {}
+        return [encoded[text] if text in encoded else self.encode(text) for text in texts]
 
     def token_bytes(self, token_id):
         """The bytes `token_id` stands for; b"" for an id outside the vocabulary."""

@@ -3,13 +3,17 @@
 - tiny_run (session): pathlib.Path of a from-scratch run folder (gpt-2-simple's layout, exported
   weights/), built with `python -m finetune --from-scratch ...` on a small repetitive corpus of
   <|startoftext|>...<|endoftext|> comments, so the model learns to end its texts. A build is cached
-  under tests/out/cache/ keyed by the finetune sources and the command (TINY_RUN_NO_CACHE=1 builds
-  afresh); each session gets its own copy, so tests may change it.
+  per user (CACHE/runs, so a fresh clone on the same machine reuses it) keyed by the finetune sources,
+  the pinned requirements and the command (TINY_RUN_NO_CACHE=1 builds afresh); each session gets its
+  own copy, so tests may change it.
 - tiny_corpus (session): the corpus file it was trained on; write_corpus(path) writes one.
 - openai_layout(run_dir, dest): a run's checkpoint as a GPT-2 release (models/124M's files).
 - free_port (fixture returning a function) / find_free_port(): a TCP port nobody listens on.
 - storage_emulator (session): gcp-storage-emulator on a free port; yields its URL
   ("http://127.0.0.1:PORT") for STORAGE_EMULATOR_HOST. It sets no environment variable itself.
+
+The suite runs on two workers (pytest-xdist, pytest.ini): pytest_collection_modifyitems keeps each module
+on one worker, so that its module fixtures (trained runs, servers) are made once.
 """
 import hashlib
 import itertools
@@ -28,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # tests import finetune/ and app/ however pytest was started
     sys.path.insert(0, str(ROOT))
 OUT = ROOT / "tests" / "out"
+# What tests build once per user and machine: trained runs, the container test's base image, the 124M model.
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-run-tests"
 
 # Small enough to train in seconds on two cores; n_ctx stays GPT-2's 1024 (see interfaces.md).
 TINY_MODEL_ARGS = ["--from-scratch", "--n-layer", "2", "--n-embd", "64", "--n-head", "2",
@@ -89,6 +95,18 @@ def all_logits(llama, ids):
     return np.frombuffer(llama.logits(len(ids)), np.float32).reshape(len(ids), llama.n_vocab)
 
 
+# Modules that share something outside their tmp_path run on the same worker as each other.
+SHARED = {"test_container": "podman", "test_finetune_cloud": "podman",  # one podman store and base image
+          "test_bench": "bench", "test_bench_steering": "bench", "test_bench_finetune": "bench"}  # tests/out/bench-models
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(SHARED.get(module, module)))
+
+
 def find_free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -107,16 +125,16 @@ def tiny_corpus(tmp_path_factory):
 
 def _run_key(text, args):
     digest = hashlib.sha256()
-    for path in sorted((ROOT / "finetune").glob("*.py")):
+    for path in [*sorted((ROOT / "finetune").glob("*.py")), *sorted(ROOT.glob("requirements*.txt"))]:
         digest.update(path.name.encode() + path.read_bytes())
     digest.update(repr((args, text)).encode())
     return digest.hexdigest()[:16]
 
 
 def trained_run(tmp_path_factory, name, text, args):
-    """A run folder trained from scratch on `text` with `python -m finetune ARGS`, cached under
-    tests/out/cache/ as tiny_run is (see the module's docstring); each call gets its own copy."""
-    cached = OUT / "cache" / f"{name}-{_run_key(text, args)}" / "run1"
+    """A run folder trained from scratch on `text` with `python -m finetune ARGS`, cached as tiny_run
+    is (see the module's docstring); each call gets its own copy."""
+    cached = CACHE / "runs" / f"{name}-{_run_key(text, args)}" / "run1"
     use_cache = os.environ.get("TINY_RUN_NO_CACHE") != "1"
     if not (use_cache and (cached / "weights" / "manifest.json").is_file()):
         checkpoint_dir = tmp_path_factory.mktemp(f"{name}_build")

@@ -7,17 +7,15 @@ trained from scratch for 400 steps on "subject verb object." lines, with every f
 combinations held out; the held-out lines are scored. The table goes to tests/out/quality.md (the
 README's table comes from it).
 """
-import hashlib
 import itertools
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 
 from app.engine import GPT2
-from conftest import OBJECTS, OUT, ROOT, SUBJECTS, VERBS, all_logits, run_finetune
+from conftest import OBJECTS, OUT, SUBJECTS, VERBS, all_logits, trained_run
 
 MODEL_ARGS = ["--from-scratch", "--n-layer", "2", "--n-embd", "256", "--n-head", "4", "--vocab-size", "1000",
               "--n-ctx", "128"]
@@ -36,28 +34,10 @@ def lines(held_out):
 
 @pytest.fixture(scope="module")
 def structured_run(tmp_path_factory):
-    """The trained run folder (cached under tests/out/cache like tiny_run)."""
-    corpus_lines = lines(held_out=False)
-    key = hashlib.sha256(repr((MODEL_ARGS, TRAIN_ARGS, corpus_lines)).encode())
-    for path in sorted((ROOT / "finetune").glob("*.py")):
-        key.update(path.read_bytes())
-    cached = OUT / "cache" / f"structured_run-{key.hexdigest()[:16]}" / "run1"
-    if not (cached / "weights" / "manifest.json").is_file():
-        work = tmp_path_factory.mktemp("structured")
-        corpus = work / "corpus.txt"
-        shuffled = [line + "\n" for line in corpus_lines]
-        np.random.default_rng(0).shuffle(shuffled)
-        corpus.write_text("".join(shuffled * 3), encoding="utf-8")
-        result = run_finetune(*MODEL_ARGS, *TRAIN_ARGS, "--dataset", corpus, "--run-name", "run1",
-                              "--checkpoint-dir", work / "ck")
-        assert result.returncode == 0, result.stderr
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        staging = cached.parent / f".run1.partial-{os.getpid()}"
-        shutil.copytree(work / "ck" / "run1", staging)
-        os.rename(staging, cached)
-    run = tmp_path_factory.mktemp("structured_copy") / "run1"
-    shutil.copytree(cached, run)
-    return run
+    """The trained run folder (cached like tiny_run)."""
+    shuffled = [line + "\n" for line in lines(held_out=False)]
+    np.random.default_rng(0).shuffle(shuffled)
+    return trained_run(tmp_path_factory, "structured_run", "".join(shuffled * 3), [*MODEL_ARGS, *TRAIN_ARGS])
 
 
 def token_nll(logits, ids):

@@ -150,6 +150,19 @@ def test_phrase_bans_complete_only_after_the_rest_of_the_phrase(model):
     assert phrase[-1] not in bans.banned()
 
 
+def test_spellings_tokenized_together_are_tokenized_as_alone(model):
+    """Banned words' spellings are tokenized in one call, joined by newlines (app/tokenizer.py encode_each):
+    each must come out as its own encode gives it, whatever blanks, digits, marks and scripts it holds."""
+    rng = random.Random(0)
+    pieces = ["\x1c", "\x85", "\xa0", "\u2028", "\u200b", "\u3000", "\ufeff", "\t", "\r", "\n", " ", "  ", "'s", "'",
+              "1", "!?", "é", "日本", "🙂", "heck", "Rotten", " egg", "--", "<|endoftext|>"]
+    phrases = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 5))) for _ in range(3000)]
+    phrases += [spelling for word in ["heck", "darn", "rotten egg", "it's", "A.I."] for spelling in spellings(word)]
+    alone = [model.tokenizer.encode(phrase) for phrase in phrases]
+    assert model.tokenizer.encode_each(phrases) == alone
+    assert model.tokenizer.encode_each([]) == []
+
+
 def test_the_banned_model_writes_banned_words(banned_server):
     without = samples(banned_server, "post", count=40)
     print(f"without bad_words, {sum(bool(holds_banned(t)) for t in without)} of 40 samples hold a banned word")
