@@ -12,7 +12,7 @@
 - storage_emulator (session): gcp-storage-emulator on a free port; yields its URL
   ("http://127.0.0.1:PORT") for STORAGE_EMULATOR_HOST. It sets no environment variable itself.
 
-The suite runs on two workers (pytest-xdist, pytest.ini): pytest_collection_modifyitems keeps each module
+The suite runs on two workers (pytest-xdist, pytest.ini): pytest_xdist_make_scheduler keeps each module
 on one worker, so that its module fixtures (trained runs, servers) are made once.
 """
 import hashlib
@@ -100,11 +100,18 @@ SHARED = {"test_container": "podman", "test_finetune_cloud": "podman",  # one po
           "test_bench": "bench", "test_bench_steering": "bench", "test_bench_finetune": "bench"}  # tests/out/bench-models
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
-def pytest_collection_modifyitems(items):
-    for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(SHARED.get(module, module)))
+def pytest_xdist_make_scheduler(config, log):
+    """Each module's tests on one worker, and modules that share something (SHARED) on the same one.
+    (xdist's own xdist_group marks do nothing under pytest 9: they rename a node id that is no longer
+    stored where they look.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = Path(nodeid.split("::")[0]).stem
+            return SHARED.get(module, module)
+
+    return ByModule(config, log)
 
 
 def find_free_port():
