@@ -309,7 +309,7 @@ class Generation:
                  truncate, include_prefix, strip_newlines=True, logprobs=None, score_prompt=False,
                  top_p_replaces_top_k=True, **steering):
         self.model, self.prompt, self.length = model, prompt, length
-        # Made when the generation starts, in its worker thread: tokenizing 1,000 bad_words takes tens of ms,
+        # Made when the generation starts, in its worker thread: tokenizing 500 bad_words takes tens of ms,
         # which must not hold the event loop (nor be spent on a request the gate then refuses).
         self.samplers = None
         self.make_samplers = lambda: samplers(temperature, top_k, top_p, seed, nsamples,

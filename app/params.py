@@ -180,7 +180,7 @@ class Phrases:
         return {"type": self.type, "default": None, "max_items": self.max_items, "max_chars": self.text.max_chars}
 
 
-BAD_WORDS_MAX, BAD_WORD_MAX_CHARS = 1000, 100  # what a request may ban (measured: docs/serving.md)
+BAD_WORDS_MAX, BAD_WORD_MAX_CHARS = 500, 100  # what a request may ban (its set-up measured: docs/benchmarks.md)
 STEERING = ("min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias", "bad_words")
 
 

@@ -12,8 +12,8 @@
 2. In this process, on the same model, what the end-to-end figure cannot resolve on a busy machine: the
    sampler chain's time per token for each control (llama_sampler_apply on a fresh copy of one position's
    logits, over the whole vocabulary, as every draw sees them), including what a body cannot carry (a
-   10,000-entry and a whole-vocabulary logit_bias); and the time to set up 1,000 bad_words (tokenizing
-   their spellings), once per request.
+   10,000-entry and a whole-vocabulary logit_bias); and the time to set up the most bad_words a request
+   may send (tokenizing their spellings), once per request.
 Writes steering.md (the tables), steering.png (the chart) and steering.json (every raw figure) to --out.
 """
 import argparse
@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_model  # noqa: E402
 import report  # noqa: E402
 import serve  # noqa: E402
+from app.params import BAD_WORDS_MAX  # noqa: E402 (the most bad_words a request may send)
 
 PROMPT = serve.PROMPT
 LIMIT = 0.03  # no control may cost more than this (issue 26)
@@ -75,8 +76,8 @@ def controls(n_vocab):
         (f"logit_bias, {len(biggest_logit_bias(n_vocab))} entries (a full 16 KiB body)", "/",
          {"logit_bias": biggest_logit_bias(n_vocab)}),
         ("bad_words, 10", "/", {"bad_words": words(10)}),
-        ("bad_words, 1,000 new each request", "/", {"bad_words": "new"}),
-        ("bad_words, the same 1,000 each request", "/", {"bad_words": words(1000)}),
+        (f"bad_words, {BAD_WORDS_MAX:,} new each request", "/", {"bad_words": "new"}),
+        (f"bad_words, the same {BAD_WORDS_MAX:,} each request", "/", {"bad_words": words(BAD_WORDS_MAX)}),
         ("top_k 40 (/v1)", "v1", {"top_k": 40}),
         ("all of them (10 bad_words, 10 logit_bias)", "/", {
             "repetition_penalty": 1.3, "frequency_penalty": 0.5, "presence_penalty": 0.5, "min_p": 0.05,
@@ -115,7 +116,7 @@ def bench_http(model, rows, rounds, length, logs):
         for r in range(rounds + 1):  # round 0 warms up and is not counted
             for i, (name, route, params) in enumerate(rows):
                 if params.get("bad_words") == "new":  # words no earlier request sent
-                    params = {"bad_words": words(1000, seed=1000 + r)}
+                    params = {"bad_words": words(BAD_WORDS_MAX, seed=1000 + r)}
                 on = (blocked, "/", {}) if route == "blocklist" else (plain, route, params)
                 off = (plain, "v1" if route == "v1" else "/", {})
                 seed = 1000 * r + i
@@ -169,7 +170,7 @@ def bench_chain(model, repeats):
         "logit_bias, 10,000 entries": {"logit_bias": {t: -5.0 for t in range(1, min(10_001, n_vocab))}},
         f"logit_bias, {n_vocab:,} entries (every token)": {"logit_bias": {t: -5.0 for t in range(n_vocab)}},
         "bad_words, 10": {"bad_words": words(10)},
-        "bad_words, 1,000": {"bad_words": words(1000)},
+        f"bad_words, {BAD_WORDS_MAX:,}": {"bad_words": words(BAD_WORDS_MAX)},
         "top_k 40": {},
     }
     chain = {}
@@ -188,15 +189,16 @@ def bench_chain(model, repeats):
     L.llama_sampler_free(llama_penalties)
     setup = {"new": [], "cached": []}  # new words, and the same ones again (set up once, kept)
     for repeat in range(repeats):
-        new = tuple(words(1000, seed=2000 + repeat))
+        new = tuple(words(BAD_WORDS_MAX, seed=2000 + repeat))
         for kind in ("new", "cached"):
             start = time.perf_counter()
             banned_phrases(new, gpt2.tokenizer)
             setup[kind].append(time.perf_counter() - start)
-    banned = Banned(words(1000), gpt2.tokenizer)
-    return {"us_per_token": chain, "bad_words_1000_setup_s": {k: min(v) for k, v in setup.items()}, "n_vocab": n_vocab,
-            "bad_words_1000_spellings": {"one token": len(banned.tokens),
-                                         "several tokens": sum(map(len, banned.endings.values()))}}
+    banned = Banned(words(BAD_WORDS_MAX), gpt2.tokenizer)
+    return {"us_per_token": chain, "n_vocab": n_vocab, "bad_words": BAD_WORDS_MAX,
+            "bad_words_setup_s": {k: min(v) for k, v in setup.items()},
+            "bad_words_spellings": {"one token": len(banned.tokens),
+                                    "several tokens": sum(map(len, banned.endings.values()))}}
 
 
 def summarize(results):
@@ -231,11 +233,12 @@ def table(results):
     for name, us in s["chain_us_per_token"].items():
         lines.append(f"| {name} | {us:,.0f} | {us - s['chain_us_per_token']['none']:+,.0f} | "
                      f"{100 * s['chain_share'][name]:+.1f}% |")
-    spellings = results["chain"]["bad_words_1000_spellings"]
-    lines += ["", f"Setting up 1,000 bad_words (tokenizing their {sum(spellings.values()):,} spellings: "
+    spellings = results["chain"]["bad_words_spellings"]
+    lines += ["", f"Setting up {results['chain']['bad_words']:,} bad_words (tokenizing their "
+              f"{sum(spellings.values()):,} spellings: "
               f"{spellings['one token']:,} of one token, {spellings['several tokens']:,} of several): "
-              f"{1000 * results['chain']['bad_words_1000_setup_s']['new']:.0f} ms a request, "
-              f"{1000 * results['chain']['bad_words_1000_setup_s']['cached']:.0f} ms when the same words come again "
+              f"{1000 * results['chain']['bad_words_setup_s']['new']:.0f} ms a request, "
+              f"{1000 * results['chain']['bad_words_setup_s']['cached']:.0f} ms when the same words come again "
               "(the last 16 lists are kept set up)."]
     return "\n".join(lines)
 

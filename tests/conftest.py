@@ -97,7 +97,8 @@ def all_logits(llama, ids):
 
 # Modules that share something outside their tmp_path run on the same worker as each other.
 SHARED = {"test_container": "podman", "test_finetune_cloud": "podman",  # one podman store and base image
-          "test_bench": "bench", "test_bench_steering": "bench", "test_bench_finetune": "bench"}  # tests/out/bench-models
+          # one folder of built models, tests/out/bench-models
+          "test_bench": "bench", "test_bench_steering": "bench", "test_bench_finetune": "bench"}
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -20,7 +20,7 @@ def test_quick_run_writes_table_chart_and_json(tmp_path):
     results = json.loads((tmp_path / "steering.json").read_text())
     table = (tmp_path / "steering.md").read_text()
     assert table.strip() in proc.stdout
-    for row in ["repetition_penalty 1.3", "bad_words, 1,000", "BLOCKLIST_FILE, 1,000 words", "top_k 40 (/v1)",
+    for row in ["repetition_penalty 1.3", "bad_words, 500", "BLOCKLIST_FILE, 1,000 words", "top_k 40 (/v1)",
                 "logit_bias, 10,000 entries", "llama.cpp's penalties sampler (not used)"]:
         assert row in table, row
     for name, row in results["summary"]["http"].items():

@@ -27,7 +27,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import find_free_port
+from conftest import CACHE, find_free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -56,8 +56,7 @@ DECOYS = {
 
 
 def cache_dir():
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-run-tests"
-    return Path(os.environ.get("GPT2_RUN_CONTAINER_CACHE", default))
+    return Path(os.environ.get("GPT2_RUN_CONTAINER_CACHE", CACHE))
 
 
 class Podman:

@@ -13,12 +13,11 @@ import resource
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import CACHE, ROOT
 from finetune.export import chosen_checkpoint
 
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -66,8 +65,7 @@ def run_124m():
     sys.path.insert(0, str(ROOT / "bench"))
     from make_model import SHAPE_124M, build
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-run-tests"
-    run = build(cache / "hf-124M", SHAPE_124M)
+    run = build(CACHE / "hf-124M", SHAPE_124M)
     result = export(run)
     assert result.returncode == 0, result.stderr
     return run
@@ -266,7 +264,7 @@ def test_a_corrupt_checkpoint_is_refused(fresh):
     data = fresh / (name + ".data-00000-of-00001")
     data.write_bytes(data.read_bytes()[:1000])  # cut short, as a copy that stopped half-way
     result = export(fresh)
-    assert result.stderr.startswith(f"error: cannot read ") and str(fresh / name) in result.stderr
+    assert result.stderr.startswith("error: cannot read ") and str(fresh / name) in result.stderr
     assert_refused(result, fresh, result.stderr.strip()[len("error: "):])
 
 

@@ -15,7 +15,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import numpy as np

@@ -24,6 +24,7 @@ import tritonclient.http as triton
 from app.engine import GPT2, Generation, sample_seed, samplers
 from app.llama_engine import L
 from app.steering import Banned, Steps, controls, spellings
+from app.tokenizer import JOINABLE
 from conftest import TINY_MODEL_ARGS, TINY_TRAIN_ARGS, find_free_port, trained_run
 from test_server import running_server
 
@@ -150,16 +151,21 @@ def test_phrase_bans_complete_only_after_the_rest_of_the_phrase(model):
     assert phrase[-1] not in bans.banned()
 
 
-def test_spellings_tokenized_together_are_tokenized_as_alone(model):
+def test_spellings_tokenized_together_are_tokenized_as_alone(model, monkeypatch):
     """Banned words' spellings are tokenized in one call, joined by newlines (app/tokenizer.py encode_each):
-    each must come out as its own encode gives it, whatever blanks, digits, marks and scripts it holds."""
+    each must come out as its own encode gives it, whatever blanks, digits, marks and scripts it holds;
+    those with a newline or a blank at an end are tokenized on their own."""
     rng = random.Random(0)
     pieces = ["\x1c", "\x85", "\xa0", "\u2028", "\u200b", "\u3000", "\ufeff", "\t", "\r", "\n", " ", "  ", "'s", "'",
               "1", "!?", "é", "日本", "🙂", "heck", "Rotten", " egg", "--", "<|endoftext|>"]
     phrases = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 5))) for _ in range(3000)]
     phrases += [spelling for word in ["heck", "darn", "rotten egg", "it's", "A.I."] for spelling in spellings(word)]
     alone = [model.tokenizer.encode(phrase) for phrase in phrases]
+    calls, encode = [], model.tokenizer.encode
+    monkeypatch.setattr(model.tokenizer, "encode", lambda text, special=False: calls.append(text) or encode(text))
     assert model.tokenizer.encode_each(phrases) == alone
+    on_their_own = [phrase for phrase in phrases if not JOINABLE.fullmatch(phrase)]
+    assert 500 < len(on_their_own) < 2500 and len(calls) == 2 + len(on_their_own)  # "\n", the joined ones, the rest
     assert model.tokenizer.encode_each([]) == []
 
 
@@ -402,7 +408,7 @@ def test_openai_answers_are_what_the_unchanged_chain_gives(server, model, body, 
 BAD = [("min_p", 1.5), ("min_p", -0.1), ("repetition_penalty", 0.001), ("repetition_penalty", 2.5),
        ("frequency_penalty", 2.01), ("presence_penalty", -3), ("logit_bias", {"1000": 5}), ("logit_bias", {"5": -101}),
        ("logit_bias", {"x": 1}), ("logit_bias", [5]), ("logit_bias", "{not json"), ("bad_words", "heck"),
-       ("bad_words", [5]), ("bad_words", ["x" * 101]), ("bad_words", ["w"] * 1001), ("repetition_penalty", "nan")]
+       ("bad_words", [5]), ("bad_words", ["x" * 101]), ("bad_words", ["w"] * 501), ("repetition_penalty", "nan")]
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -439,7 +445,7 @@ def test_limits_and_openapi_list_them(server):
     limits = httpx.get(server.url + "/limits").json()
     assert limits["repetition_penalty"] == {"type": "number", "default": 1.0, "min": 0.01, "max": 2.0}
     assert limits["min_p"]["max"] == 1.0 and limits["frequency_penalty"]["min"] == -2.0
-    assert limits["logit_bias"]["max_items"] == limits["n_vocab"] and limits["bad_words"]["max_items"] == 1000
+    assert limits["logit_bias"]["max_items"] == limits["n_vocab"] and limits["bad_words"]["max_items"] == 500
     spec = httpx.get(server.url + "/openapi.json").json()
     query = {p["name"]: p["schema"] for p in spec["paths"]["/"]["get"]["parameters"]}
     assert query["bad_words"]["contentMediaType"] == "application/json"
