@@ -137,7 +137,7 @@ def bench_chain(model, repeats):
     """Microseconds per token of the sampler chain for each control, on one position's logits."""
     from app.engine import GPT2
     from app.llama_engine import L
-    from app.steering import Banned, banned_phrases, controls as steering
+    from app.steering import banned_phrases, controls as steering
     from app.engine import samplers
 
     gpt2 = GPT2(model)
@@ -194,7 +194,7 @@ def bench_chain(model, repeats):
             start = time.perf_counter()
             banned_phrases(new, gpt2.tokenizer)
             setup[kind].append(time.perf_counter() - start)
-    banned = Banned(words(BAD_WORDS_MAX), gpt2.tokenizer)
+    banned = banned_phrases(new, gpt2.tokenizer)  # the last words timed, kept set up: their spellings counted
     return {"us_per_token": chain, "n_vocab": n_vocab, "bad_words": BAD_WORDS_MAX,
             "bad_words_setup_s": {k: min(v) for k, v in setup.items()},
             "bad_words_spellings": {"one token": len(banned.tokens),
